@@ -1,0 +1,127 @@
+"""Run any stage as a Prefect flow body: a task per pending shard, artifacts at the end.
+
+Every stage flow calls ``run_stage_flow``: it prepares the stage, submits one
+Prefect task per pending shard (so the UI shows per-shard runs, retries and
+logs), bounds how many run at once, keeps a progress artifact current, and
+publishes counts and failures by reason as table artifacts. A shard that fails
+does not stop the others; the flow fails at the end, naming them, after every
+finished shard has been recorded.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from tqdm import tqdm
+
+from tasks.stage import ShardResult, Stage
+
+
+def _retry_on_io_error(task, task_run, state) -> bool:
+    """Retry a shard on I/O trouble (storage, network), never on our own bugs."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_on_io_error)
+def process_shard(stage: Stage, shard: str, force: bool) -> ShardResult:
+    result = stage.run_shard(shard, force=force)
+    failed = sum(result.failures.values())
+    get_run_logger().info(
+        "%s shard %s: %s; %d failed %s in %.1fs",
+        stage.name,
+        shard,
+        dict(result.counts),
+        failed,
+        dict(result.failures) if failed else "",
+        result.seconds,
+    )
+    return result
+
+
+def _artifact_key(stage: Stage, what: str) -> str:
+    return f"{stage.name}-{what}".lower().replace("_", "-")
+
+
+def publish_summary(stage: Stage, summary: dict, failed_shards: dict[str, str]) -> None:
+    shards = summary["shards"]
+    count_names = sorted({k for rec in shards.values() for k in rec["counts"]})
+    rows = []
+    for name, rec in sorted(shards.items()):
+        status = "skipped (done)" if name in summary["last_run"]["skipped"] else "processed"
+        rows.append(
+            {"shard": name, "status": status, **{k: rec["counts"].get(k, 0) for k in count_names},
+             "failed": sum(rec["failures"].values()), "seconds": rec["seconds"]}
+        )
+    for name, err in sorted(failed_shards.items()):
+        rows.append({"shard": name, "status": f"error: {err[:200]}", **dict.fromkeys(count_names, 0),
+                     "failed": 0, "seconds": 0})
+    rows.append(
+        {"shard": "total", "status": f"{summary['num_shards_done']} done",
+         **{k: summary["counts"].get(k, 0) for k in count_names},
+         "failed": sum(summary["failures"].values()), "seconds": summary["seconds"]}
+    )
+    create_table_artifact(rows, key=_artifact_key(stage, "counts"), description=f"{stage.name}: counts per shard")
+    reasons = Counter(summary["failures"])
+    create_table_artifact(
+        [{"reason": r, "count": n} for r, n in reasons.most_common()] or [{"reason": "none", "count": 0}],
+        key=_artifact_key(stage, "failures"),
+        description=f"{stage.name}: failures by reason (each counted and skipped, none fatal)",
+    )
+
+
+def run_stage_flow(stage: Stage, *, force: bool = False) -> dict:
+    """Run ``stage`` over all its shards inside the current flow; returns its summary."""
+    logger = get_run_logger()
+    stage.prepare()
+    shards = stage.list_shards()
+    pending = stage.pending(force=force)
+    done = [s for s in shards if s not in set(pending)]
+    logger.info("%s: %d shards, %d already done, %d to process", stage.name, len(shards), len(done), len(pending))
+
+    results = [stage.run_shard(s) for s in done]  # reads their records, no work
+    failed: dict[str, str] = {}
+    progress_id = create_progress_artifact(
+        100.0 * len(done) / max(len(shards), 1), key=_artifact_key(stage, "progress"),
+        description=f"{stage.name}: shards finished",
+    )
+    bar = tqdm(total=len(shards), initial=len(done), desc=stage.name, unit="shard",
+               disable=not sys.stderr.isatty())
+    with ThreadPoolTaskRunner(max_workers=stage.parallel_shards) as runner:
+        futures = {
+            runner.submit(process_shard.with_options(task_run_name=f"{stage.name}-{s}"),
+                          {"stage": stage, "shard": s, "force": force}): s
+            for s in pending
+        }
+        for future in as_completed(list(futures)):
+            shard = futures[future]
+            try:
+                results.append(future.result())
+            except Exception as e:  # recorded and re-raised below, after the summary
+                failed[shard] = f"{type(e).__name__}: {e}"
+                logger.error("%s shard %s failed: %s", stage.name, shard, failed[shard])
+            bar.update(1)
+            finished = len(results) + len(failed)
+            update_progress_artifact(progress_id, 100.0 * finished / max(len(shards), 1))
+    bar.close()
+
+    summary = stage.summarize(results)
+    publish_summary(stage, summary, failed)
+    logger.info("%s: counts %s, failures %s", stage.name, summary["counts"], summary["failures"])
+    if failed:
+        raise RuntimeError(
+            f"{stage.name}: {len(failed)} shard(s) failed ({', '.join(sorted(failed))}); "
+            "finished shards are kept, rerun the stage to retry the rest"
+        )
+    return summary

@@ -1,0 +1,101 @@
+"""fsspec helpers: a dataset root is a local path or any fsspec URL (``s3://``, ``memory://``).
+
+Atomicity: every file is written under a temporary sibling name and renamed into
+place only once complete, so a run killed mid-write never leaves a partial file
+under a name a reader would take as complete (DESIGN.md, stage contract).
+On object stores a rename is a copy + delete; the final name still appears only
+after the whole object is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+TMP_MARKER = ".tmp-"
+
+
+def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path inside it for ``url``."""
+    return url_to_fs(url)
+
+
+def join(root: str, *parts: str) -> str:
+    """Join path parts onto a local path or URL with ``/`` (fsspec's separator everywhere)."""
+    out = root.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def exists(url: str) -> bool:
+    fs, path = open_fs(url)
+    return fs.exists(path)
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is an unfinished write that readers must ignore."""
+    return TMP_MARKER in os.path.basename(name)
+
+
+@contextlib.contextmanager
+def atomic_write(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open ``url`` for writing under a temporary name; rename into place on success.
+
+    On an exception the temporary file is removed and nothing appears at ``url``.
+    """
+    fs, path = open_fs(url)
+    parent = os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
+    try:
+        with fs.open(tmp, mode) as f:
+            yield f
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fs.rm(tmp)
+        raise
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    with atomic_write(url, "wb") as f:
+        f.write(data)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = open_fs(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_json(url: str, obj: Any) -> None:
+    atomic_write_bytes(url, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def read_json(url: str, default: Any = None) -> Any:
+    fs, path = open_fs(url)
+    if not fs.exists(path):
+        return default
+    with fs.open(path, "rb") as f:
+        return json.load(f)
+
+
+def remove_stale_temporaries(url_dir: str) -> int:
+    """Delete leftovers of killed writers under ``url_dir``; returns how many."""
+    fs, path = open_fs(url_dir)
+    if not fs.exists(path):
+        return 0
+    stale = [p for p in fs.ls(path, detail=False) if is_temporary(p)]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(p)
+    return len(stale)

@@ -1,0 +1,1 @@
+"""The work of each stage, per shard: plain functions (Prefect lives in pipelines/)."""

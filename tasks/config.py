@@ -1,0 +1,177 @@
+"""One configuration for the whole pipeline: a YAML file validated by pydantic.
+
+Every section is a frozen pydantic model with its defaults in the model, and
+unknown keys are an error naming their path (``download.shard_sise: extra
+inputs are not permitted``), so a typo fails before any work starts. Presets
+(``demo``, ``open30m``) ship in ``pipelines/configs/``; CLI overrides are
+``dotted.key=value`` pairs whose values are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
+
+
+class ConfigError(ValueError):
+    """The user's configuration is wrong; the message says where and how."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Fields that change how fast a stage runs but not what it writes; they are
+    # left out of the stage fingerprint so tuning them does not redo work.
+    NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset()
+
+    def fingerprint_payload(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=set(self.NOT_IN_FINGERPRINT))
+
+
+class DatasetConfig(Section):
+    root: str = Field(description="Dataset root: a local path or an fsspec URL such as s3://bucket/open30m.")
+
+
+class SourceConfig(Section):
+    """One URL list (METHOD.md sec. 7: CC3M, CC12M, YFCC15M; or a DreamLIP CSV as the list)."""
+
+    name: str = Field(pattern=r"^[a-z0-9_\-]+$")
+    format: Literal["cc3m", "cc12m", "yfcc15m", "dreamlip"]
+    paths: list[str] = Field(min_length=1, description="Files (local paths or fsspec URLs) in this format.")
+    max_urls: int | None = Field(default=None, ge=1, description="Take only the first N URLs (smoke runs).")
+
+
+class DownloadConfig(Section):
+    NOT_IN_FINGERPRINT = frozenset({"processes", "concurrency", "parallel_shards"})
+
+    shard_size: int = Field(default=5000, ge=1, le=10_000, description="URLs per shard (keys hold 4 index digits).")
+    processes: int = Field(default=2, ge=1, description="Download processes per machine.")
+    concurrency: int = Field(default=64, ge=1, description="Concurrent requests per process.")
+    parallel_shards: int = Field(default=2, ge=1, description="Shards in flight at once (Prefect tasks).")
+    timeout_s: float = Field(default=20.0, gt=0)
+    retries: int = Field(default=3, ge=0, description="Retries on transient errors (timeouts, 429, 5xx).")
+    backoff_s: float = Field(default=0.5, ge=0)
+    max_bytes: int = Field(default=20 * 2**20, ge=1024, description="Size cap of one downloaded file.")
+    max_redirects: int = Field(default=5, ge=0)
+    short_side: int = Field(default=256, ge=16, description="Resize so the short side is this (never upsample).")
+    min_side: int = Field(default=10, ge=1, description="Reject images whose short side is smaller.")
+    jpeg_quality: int = Field(default=90, ge=50, le=100)
+    user_agent: str = "goldiclip-pipeline/0.1 (+https://github.com/goldiclip-pipeline)"
+    allow_private_addresses: bool = Field(
+        default=False,
+        description="Fetch URLs on loopback/private/link-local hosts. Only the demo and tests turn this on.",
+    )
+
+
+class CaptionsConfig(Section):
+    NOT_IN_FINGERPRINT = frozenset({"parallel_shards"})
+
+    dreamlip_csvs: list[str] = Field(default_factory=list, description="DreamLIP caption CSVs (Image Path column).")
+    num_buckets: int = Field(default=256, ge=1, description="Hash buckets of the caption index (one pass over the CSVs).")
+    parallel_shards: int = Field(default=2, ge=1)
+
+
+class PipelineConfig(Section):
+    """The whole configuration file."""
+
+    dataset: DatasetConfig
+    sources: list[SourceConfig] = Field(default_factory=list)
+    download: DownloadConfig = DownloadConfig()
+    captions: CaptionsConfig = CaptionsConfig()
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_source_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {dupes}")
+        return sources
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (config sections, input manifests)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (you probably got a typo; see the configuration reference in README.md)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """``set_dotted(d, "download.shard_size", 100)``; list items by index (``sources.0.max_urls``)."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.exists():
+        choices = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name!r}; choices: {choices}")
+    return path
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    preset: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> PipelineConfig:
+    """Load a config file (or a preset), apply overrides, validate; raise ConfigError on any mistake."""
+    if (path is None) == (preset is None):
+        raise ConfigError("give exactly one of a config file or a preset")
+    source = Path(path) if path is not None else preset_path(preset)
+    try:
+        data = yaml.safe_load(source.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {source}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {source} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {source} must hold a mapping at the top level")
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    for key, value in items:
+        try:
+            set_dotted(data, key, value)
+        except (IndexError, ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"override {key}={value!r} does not fit the config: {e}") from None
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(source))) from None
