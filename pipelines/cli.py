@@ -14,6 +14,7 @@ import typer
 
 import pipelines  # noqa: F401 - sets Prefect's environment defaults before Prefect loads
 from pipelines.common import resolve_config
+from pipelines.dag import STAGE_FLOWS, goldiclip_pipeline
 from tasks.config import ConfigError, PipelineConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -56,8 +57,6 @@ def print_summaries(summaries: dict[str, dict]) -> None:
 def _stage_command(stage: str):
     def command(config: Path | None = ConfigOpt, preset: str | None = PresetOpt,
                 set_: list[str] = SetOpt, force: bool = ForceOpt) -> None:
-        from pipelines.dag import STAGE_FLOWS
-
         ref, _ = _load(config, preset, set_)
         summary = STAGE_FLOWS[stage](ref, overrides=set_, force=force)
         print_summaries({stage: summary})
@@ -66,7 +65,7 @@ def _stage_command(stage: str):
     return command
 
 
-for _stage in ("download", "captions"):
+for _stage in STAGE_FLOWS:
     app.command(_stage)(_stage_command(_stage))
 
 
@@ -75,8 +74,6 @@ def run(config: Path | None = ConfigOpt, preset: str | None = PresetOpt, set_: l
         stages: str | None = typer.Option(None, help="Comma-separated subset of stages, in DAG order."),
         force: str | None = typer.Option(None, help="Comma-separated stages to redo.")) -> None:
     """Run the whole DAG (or a subset) as the parent flow goldiclip-pipeline."""
-    from pipelines.dag import goldiclip_pipeline
-
     ref, _ = _load(config, preset, set_)
     summaries = goldiclip_pipeline(
         ref, overrides=set_, stages=stages.split(",") if stages else None, force=force.split(",") if force else None
