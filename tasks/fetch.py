@@ -69,8 +69,8 @@ class FetchConfig:
 @dataclass(frozen=True)
 class ProcessedImage:
     jpeg: bytes
-    original_width: int
-    original_height: int
+    orig_width: int
+    orig_height: int
     width: int
     height: int
     sha256: str
@@ -82,8 +82,8 @@ class FetchResult:
     status: Literal["ok", "failed"]
     error: str | None = None
     http_status: int | None = None
-    original_width: int | None = None
-    original_height: int | None = None
+    orig_width: int | None = None
+    orig_height: int | None = None
     width: int | None = None
     height: int | None = None
     jpeg: bytes | None = None
@@ -314,8 +314,8 @@ async def fetch_image(
         url=url,
         status="ok",
         http_status=http_status,
-        original_width=image.original_width,
-        original_height=image.original_height,
+        orig_width=image.orig_width,
+        orig_height=image.orig_height,
         width=image.width,
         height=image.height,
         jpeg=image.jpeg,
@@ -445,8 +445,8 @@ def process_image(data: bytes, cfg: FetchConfig) -> ProcessedImage:
     swapped = orientation in _SWAPS_AXES
     return ProcessedImage(
         jpeg=jpeg,
-        original_width=raw_height if swapped else raw_width,
-        original_height=raw_width if swapped else raw_height,
+        orig_width=raw_height if swapped else raw_width,
+        orig_height=raw_width if swapped else raw_height,
         width=size[0],
         height=size[1],
         sha256=hashlib.sha256(jpeg).hexdigest(),
