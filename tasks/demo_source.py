@@ -35,7 +35,6 @@ import csv
 import io
 import json
 import math
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -357,11 +356,6 @@ def write_url_lists(out_dir: str | Path, base_url: str) -> DemoSource:
             writer.writerow(row)
         _write_if_changed(root / "lists" / f"dreamlip-{p:02d}.csv", out.getvalue().encode())
     return _demo_source(root, spec, base_url)
-
-
-def sentences(text: str) -> list[str]:
-    """Split a demo caption into sentences (the demo's captions end each with '.')."""
-    return [s for s in re.split(r"(?<=\.)\s+", text.strip()) if s]
 
 
 # ---------------------------------------------------------------------------

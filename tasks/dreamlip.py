@@ -13,10 +13,10 @@ raises `ValueError` before any row is read.
 
 Broken quoting: a field that opens a quote and never closes it makes `csv` read on
 through the following lines, which would silently swallow the rest of the file.
-`_LineFeed` caps how many lines and characters one record may span; a record that
-exceeds the cap, spans several lines and still has the wrong column count, or
-(URL in the first column, as released) has a line after its first that starts
-like a new row (`http://...,`) has its first line dropped (counted as
+`_LineFeed` caps how many lines and characters one record may span. A record
+that exceeds the cap, one that spans several lines with the wrong column count,
+and (URL in the first column, as released) one with a line after its first that
+starts like a new row (`http://...,`) each has its first line dropped (counted as
 `malformed_row`) and the lines after it replayed, so the rows that the stray quote
 swallowed are recovered.
 
@@ -232,7 +232,7 @@ def join_captions(
     *,
     counts: Counter,
     columns: DreamlipColumns = DEFAULT_COLUMNS,
-) -> dict:
+) -> dict[K | str, DreamlipCaptions]:
     """Captions of the wanted URLs in one streaming pass over `csv_paths`.
 
     `wanted_urls` is a set of URLs (result keyed by URL) or a mapping URL -> key
@@ -241,7 +241,7 @@ def join_captions(
     for); scanning stops once every wanted URL is found.
     """
     key_of = wanted_urls if isinstance(wanted_urls, Mapping) else {u: u for u in wanted_urls}
-    found: dict = {}
+    found: dict[K | str, DreamlipCaptions] = {}
     for path in csv_paths:
         for row in iter_dreamlip_rows(path, counts=counts, columns=columns):
             if row.url not in key_of:

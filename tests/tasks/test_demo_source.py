@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -12,10 +13,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.demo_source import COLOURS, SHAPES, generate_demo_source, sentences, serve_directory, write_url_lists
+from tasks.demo_source import COLOURS, SHAPES, generate_demo_source, serve_directory, write_url_lists
 from tasks.dreamlip import CAPTIONERS, iter_dreamlip_rows
 
 BASE = "http://127.0.0.1:9"
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=\.)\s+", text.strip()) if s]
 
 
 @pytest.fixture(scope="module")
