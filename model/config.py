@@ -1,0 +1,182 @@
+"""GoldiCLIP configuration: one frozen dataclass per component, composed in `GoldiCLIPConfig`.
+
+Values follow METHOD.md sections 1-6 (paper sec. 3 and 4.1); the `B/16` preset is the
+paper's model, `debug` is a CPU-sized model of the same structure for tests and the demo.
+Components take their whole config (`TextConditionedPooling(config.pooling, ...)`).
+Unknown preset names and unknown override keys raise `ValueError`.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """ViT tower (paper sec. 3.1): CLS after the final LayerNorm plus every patch token."""
+
+    image_size: int = 224
+    local_image_size: int = 96
+    patch_size: int = 16
+    width: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    activation: str = "gelu"
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Causal CLIP text transformer (paper sec. 3.1 and 3.3); the sentence token is the first EOT."""
+
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    num_layers: int = 12
+    num_heads: int = 8
+    mlp_dim: int = 2048
+    activation: str = "gelu"
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 49407
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    """Text-conditioned cross-attention pooling (FLAIR eq. 1, paper eq. 1)."""
+
+    num_heads: int = 8
+    attention_sink: bool = True
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """FLAIR sigmoid loss L_ret (paper eq. 2): learnable log-scale and bias."""
+
+    init_log_scale: float = math.log(1 / 0.07)
+    max_log_scale: float = math.log(100.0)
+    init_bias: float = -10.0
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Text-conditioned self-distillation L_sd (paper sec. 3.2, eqs. 3-8; DINO recipe)."""
+
+    enabled: bool = True
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    num_prototypes: int = 65536
+    shared_head: bool = False
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    teacher_temp_final: float = 0.04
+    teacher_temp_warmup_steps: int = 0
+    center_momentum: float = 0.9
+    ema_momentum: float = 0.996
+    ema_cosine_steps: int = 0  # > 0: cosine schedule of the EMA momentum to 1 over this many steps
+    image_chunk_size: int = 32  # images per chunk of the prototype cross-entropy
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """CoCa-style multi-task decoder (paper sec. 3.3): text enters through the text encoder."""
+
+    enabled: bool = True
+    width: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    mlp_dim: int = 2048
+    tie_embeddings: bool = True
+    token_chunk_size: int = 4096  # positions per chunk of the vocabulary cross-entropy
+
+
+@dataclass(frozen=True)
+class WeightingConfig:
+    """Uncertainty weighting (Kendall et al. 2018, paper eq. 10); `uniform` is the ablation."""
+
+    uniform: bool = False
+    static_weights: dict[str, float] = field(
+        default_factory=lambda: {"ret": 1.0, "cap": 2.0, "ref": 1.0, "grd": 1.0, "vqa": 1.0, "sd": 1.0}
+    )
+
+
+@dataclass(frozen=True)
+class GoldiCLIPConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 512
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    score_image_chunk_size: int = 256  # images per chunk in text-conditioned scoring
+
+    def __post_init__(self):
+        assert self.vision.image_size % self.vision.patch_size == 0
+        assert self.vision.local_image_size % self.vision.patch_size == 0
+        assert self.embed_dim % self.pooling.num_heads == 0
+
+
+PRESETS: dict[str, GoldiCLIPConfig] = {
+    "B/16": GoldiCLIPConfig(),
+    "debug": GoldiCLIPConfig(
+        vision=VisionConfig(
+            image_size=32, local_image_size=16, patch_size=8, width=64, num_layers=2, num_heads=4, mlp_dim=128
+        ),
+        text=TextConfig(
+            vocab_size=512,
+            context_length=32,
+            width=64,
+            num_layers=2,
+            num_heads=4,
+            mlp_dim=128,
+            bos_token_id=510,
+            eos_token_id=511,
+            pad_token_id=0,
+        ),
+        embed_dim=64,
+        pooling=PoolingConfig(num_heads=4),
+        distill=DistillConfig(head_hidden_dim=128, head_bottleneck_dim=32, num_prototypes=256, image_chunk_size=4),
+        decoder=DecoderConfig(width=64, num_layers=2, num_heads=4, mlp_dim=128, token_chunk_size=64),
+        score_image_chunk_size=8,
+    ),
+}
+
+
+def replace_config(config, **overrides):
+    """`dataclasses.replace` that also takes dicts for nested component configs.
+
+    `replace_config(cfg, distill={"enabled": False}, embed_dim=32)`; unknown keys raise ValueError.
+    """
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown {type(config).__name__} field(s) {unknown}; valid: {sorted(names)}")
+    changes = {}
+    for name, value in overrides.items():
+        current = getattr(config, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = replace_config(current, **value)
+        changes[name] = value
+    return dataclasses.replace(config, **changes)
+
+
+def get_preset(name: str, **overrides) -> GoldiCLIPConfig:
+    """A named preset with optional overrides (`get_preset("debug", decoder={"enabled": False})`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choices: {sorted(PRESETS)}")
+    return replace_config(PRESETS[name], **overrides)
+
+
+def config_for_tokenizer(config: GoldiCLIPConfig, tokenizer) -> GoldiCLIPConfig:
+    """Copy of `config` whose text vocabulary and special token ids match `tokenizer`."""
+    return replace_config(
+        config,
+        text={
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+    )
