@@ -52,6 +52,10 @@ def print_summaries(summaries: dict[str, dict]) -> None:
             f"(processed {len(run.get('processed', []))}, skipped {len(run.get('skipped', []))}) | "
             f"{counts} | failures: {failures}"
         )
+        # Problems found before any shard: in the URL lists and the caption CSVs.
+        list_counts = s.get("url_lists", {}).get("list_counts") or s.get("csv_counts")
+        if list_counts:
+            typer.echo(f"  {'':<10} input files: " + ", ".join(f"{k}={v}" for k, v in sorted(list_counts.items())))
 
 
 def _stage_command(stage: str):

@@ -1,0 +1,84 @@
+"""``goldiclip demo``: the whole pipeline on the embedded synthetic set, offline, on CPU.
+
+Generates coloured shapes with DreamLIP-style captions (tasks/demo_source.py),
+serves them on a loopback HTTP server so the download stage downloads for real,
+and runs the DAG through Prefect on the ``demo`` preset with its paths pointed
+into ``WORKDIR``. Everything it writes stays under ``WORKDIR``: the source set,
+the dataset root, and the Prefect database (so ``prefect server start`` with the
+same ``PREFECT_HOME`` shows the runs). A second run skips every finished shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+
+import typer
+
+from tasks.config import load_config
+
+PORT_FILE = "server-port"
+
+
+@contextlib.contextmanager
+def _serve_on_a_stable_port(source_dir: Path):
+    """Serve the source, reusing the last run's port so URLs, and so fingerprints, stay the same."""
+    from tasks.demo_source import serve_directory
+
+    port_file = source_dir / PORT_FILE
+    port = int(port_file.read_text()) if port_file.exists() else 0
+    try:
+        server = serve_directory(source_dir, port=port)
+        base_url = server.__enter__()
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        server = serve_directory(source_dir, port=0)
+        base_url = server.__enter__()
+    port_file.write_text(base_url.rsplit(":", 1)[1])
+    try:
+        yield base_url
+    finally:
+        server.__exit__(None, None, None)
+
+
+def demo_config(workdir: Path, source):
+    """The ``demo`` preset with every path inside ``workdir``."""
+    return load_config(
+        preset="demo",
+        overrides={
+            "dataset.root": str(workdir / "data"),
+            "sources.0.paths": [str(source.url_list)],
+            "captions.dreamlip_csvs": [str(p) for p in source.dreamlip_csvs],
+        },
+    )
+
+
+def run_demo(workdir: Path, *, num_images: int = 400) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
+    from pipelines.cli import print_summaries
+    from pipelines.dag import goldiclip_pipeline
+    from tasks.demo_source import generate_demo_source, write_url_lists
+
+    source_dir = workdir / "source"
+    typer.secho(f"[demo] generating {num_images} synthetic images in {source_dir}", bold=True)
+    generate_demo_source(source_dir, num_images=num_images)
+    with _serve_on_a_stable_port(source_dir) as base_url:
+        source = write_url_lists(source_dir, base_url)
+        typer.secho(f"[demo] serving them at {base_url} (loopback; stopped when the demo ends)", bold=True)
+        config = demo_config(workdir, source)
+        summaries = goldiclip_pipeline(config)
+    typer.secho("\n[demo] per-stage counts (failures are counted and skipped, never fatal):", bold=True)
+    print_summaries(summaries)
+    typer.echo(
+        f"\n[demo] dataset: {config.dataset.root}  (images/, annotations/, _stages/<stage>.json)\n"
+        f"[demo] run it again: finished shards are skipped. Redo one stage: "
+        f"goldiclip captions --config <file> --force\n"
+        f"[demo] see the runs in the Prefect UI:\n"
+        f"       PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start   # then open http://127.0.0.1:4200\n"
+        f"       (Runs -> goldiclip-pipeline -> subflows per stage, per-shard task runs; Artifacts -> *-counts)"
+    )
+    return summaries
