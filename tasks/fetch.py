@@ -30,7 +30,6 @@ import logging
 import os
 import random
 import socket
-import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +46,12 @@ log = logging.getLogger(__name__)
 _ALLOWED_SCHEMES = ("http", "https")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _READ_CHUNK = 256 * 2**10
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,15 @@ class FetchConfig:
     jpeg_quality: int = 90
     min_side: int = 10
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+    # Downscaling filter. On a 640x480 -> 341x256 JPEG here: bicubic 3.9 ms, bilinear
+    # 2.3 ms, box (area averaging, like img2dataset's cv2.INTER_AREA) 1.4 ms, against
+    # 1.2-1.9 ms to decode: the filter is most of the CPU cost of an image.
+    resample: Literal["bicubic", "bilinear", "box", "lanczos"] = "bicubic"
     process_threads: int = 0  # image-processing threads per process; 0: one per CPU
+
+    def __post_init__(self) -> None:
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
 
 
 @dataclass(frozen=True)
@@ -115,20 +128,24 @@ def _address_allowed(address: str) -> bool:
 
 def _ip_literal(host: str) -> str | None:
     try:
-        return str(ipaddress.ip_address(host.strip("[]").split("%", 1)[0]))
+        return str(ipaddress.ip_address(host.split("%", 1)[0]))
     except ValueError:
         return None
 
 
-def _static_url_problem(url: str, allow_private: bool) -> str | None:
-    """The checks that need no DNS: scheme, host, and IP-literal hosts."""
+def _static_url_problem(url: str | URL, allow_private: bool) -> str | None:
+    """The checks that need no DNS: scheme, host, and IP-literal hosts.
+
+    Parsed with yarl, the parser aiohttp itself uses, so the host checked here is the
+    host aiohttp connects to.
+    """
     try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname
+        parsed = url if isinstance(url, URL) else URL(url)
     except ValueError:
         return "bad_url"
-    if parts.scheme.lower() not in _ALLOWED_SCHEMES:
+    if parsed.scheme not in _ALLOWED_SCHEMES:
         return "bad_scheme"
+    host = parsed.raw_host
     if not host:
         return "bad_url"
     literal = _ip_literal(host)
@@ -146,9 +163,9 @@ def check_url_allowed(url: str, allow_private: bool) -> str | None:
     problem = _static_url_problem(url, allow_private)
     if problem is not None or allow_private:
         return problem
-    parts = urllib.parse.urlsplit(url)
+    parsed = URL(url)
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 80, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(parsed.raw_host, parsed.port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         return "dns_error"
     if not all(_address_allowed(info[4][0]) for info in infos):
@@ -249,7 +266,7 @@ async def _download(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) 
     """One attempt: follow redirects by hand, checking each hop; return (body, status)."""
     target = url
     for _ in range(cfg.max_redirects + 1):
-        problem = _static_url_problem(str(target), cfg.allow_private_addresses)
+        problem = _static_url_problem(target, cfg.allow_private_addresses)
         if problem is not None:
             raise _Failure(problem)
         try:
@@ -436,7 +453,7 @@ def process_image(data: bytes, cfg: FetchConfig) -> ProcessedImage:
             out_img = _to_rgb(out_img)
             size = _target_size(out_img.width, out_img.height, cfg.short_side)
             if size != out_img.size:
-                out_img = out_img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+                out_img = out_img.resize(size, _RESAMPLE[cfg.resample], reducing_gap=3.0)
             buffer = io.BytesIO()
             out_img.save(buffer, "JPEG", quality=cfg.jpeg_quality)
         except Exception as exc:  # any failure on a hostile file is this image's, not the shard's

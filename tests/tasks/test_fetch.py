@@ -223,6 +223,15 @@ def test_loopback_is_refused_with_the_switch_off(server):
     assert check_url_allowed(url, True) is None
 
 
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "0x7f.0.0.1", "0177.0.0.1"])
+def test_legacy_loopback_spellings_are_refused(server, host):
+    url = f"http://{host}:{server.port}/secret-legacy.jpg"
+    server.route("/secret-legacy.jpg", Reply(body=JPEG_640x480))
+    result = fetch_one(url, FetchConfig(timeout_s=0.5))
+    assert result.error in ("bad_url", "private_address")
+    assert server.hits["/secret-legacy.jpg"] == 0
+
+
 def test_redirect_to_a_private_address_is_refused(server, monkeypatch):
     # Let only this server's loopback address through, so the rule applies to the hop.
     monkeypatch.setattr(fetch, "_address_allowed", lambda address: address == "127.0.0.1")
@@ -237,6 +246,17 @@ def test_public_addresses_pass_the_rule():
     assert check_url_allowed("https://93.184.215.14/a.jpg", False) is None
     assert check_url_allowed("http://[2606:4700::1111]/a.jpg", False) is None
     assert check_url_allowed("http:///no-host", False) == "bad_url"
+
+
+@pytest.mark.parametrize("resample", ["bicubic", "bilinear", "box", "lanczos"])
+def test_every_resample_filter_keeps_the_geometry(resample):
+    out = process_image(JPEG_640x480, FetchConfig(resample=resample))
+    assert (out.width, out.height) == (341, 256)
+
+
+def test_unknown_resample_filter_fails_fast():
+    with pytest.raises(ValueError, match="resample"):
+        FetchConfig(resample="nearest-ish")
 
 
 def test_process_image_rejects_with_reasons():
