@@ -44,7 +44,7 @@ _PARQUET_BATCH_ROWS = 65_536
 # bounds memory when a stray quote would otherwise swallow the rest of a 30 GB file
 # (csv raises at the cap and resynchronises on the next line).
 CSV_FIELD_SIZE_LIMIT = 16 * 2**20
-csv.field_size_limit(CSV_FIELD_SIZE_LIMIT)
+csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_SIZE_LIMIT))  # never lower another reader's
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,9 @@ def shard_records(records: Iterable[UrlRecord], shard_size: int) -> Iterator[lis
         yield shard
 
 
-def _open_text(path_or_url: str):
-    # newline="" lets the csv module see the quoted newlines inside DreamLIP captions;
+def _open_text(path_or_url: str, newline: str):
     # errors="replace" keeps one badly encoded caption from failing a whole list.
-    return fsspec.open(path_or_url, "rt", compression="infer", encoding="utf-8", errors="replace", newline="")
+    return fsspec.open(path_or_url, "rt", compression="infer", encoding="utf-8", errors="replace", newline=newline)
 
 
 def _is_parquet(path_or_url: str) -> bool:
@@ -122,7 +121,8 @@ def _caption_or_none(text: str | None) -> str | None:
 def _read_two_column_tsv(path_or_url: str, source: str, counts: Counter) -> Iterator[UrlRecord]:
     # CC3M is caption<TAB>url and CC12M url<TAB>caption; rather than trust the name,
     # each row's URL is the field that looks like one (http(s) first).
-    with _open_text(path_or_url) as f:
+    # Rows end at "\n" only: a stray "\r" inside a caption must not split its row.
+    with _open_text(path_or_url, newline="\n") as f:
         for line in f:
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -178,7 +178,7 @@ def _yfcc_record(url: str | None, caption_parts: list[str | None], source: str, 
 
 def _read_yfcc_csv(path_or_url: str, source: str, counts: Counter) -> Iterator[UrlRecord]:
     delimiter = "\t" if ".tsv" in path_or_url.lower() else ","
-    with _open_text(path_or_url) as f:
+    with _open_text(path_or_url, newline="") as f:  # csv handles quoted newlines itself
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
         if header is None:
@@ -212,7 +212,7 @@ def _read_yfcc_parquet(path_or_url: str, source: str, counts: Counter) -> Iterat
 
 
 def _read_dreamlip_csv(path_or_url: str, source: str, counts: Counter) -> Iterator[UrlRecord]:
-    with _open_text(path_or_url) as f:
+    with _open_text(path_or_url, newline="") as f:  # csv handles quoted newlines itself
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:

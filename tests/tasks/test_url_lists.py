@@ -32,11 +32,13 @@ def test_cc3m_tsv_caption_then_url_with_bad_rows(tmp_path):
         "two fields but\tno url here\n"
         "  \t  \n"
         "a cat\thttps://example.com/cat.png\r\n"
+        "a stray \r carriage return\thttp://example.com/cr.jpg\n"
     )
     records, counts = read(path, "cc3m", "cc3m")
     assert records == [
         UrlRecord("http://example.com/dog.jpg", "a dog on a beach", "cc3m"),
         UrlRecord("https://example.com/cat.png", "a cat", "cc3m"),
+        UrlRecord("http://example.com/cr.jpg", "a stray \r carriage return", "cc3m"),
     ]
     assert counts == Counter(empty_line=2, missing_column=1, no_url=1)
 
@@ -139,7 +141,7 @@ def test_dreamlip_csv_stray_quote_is_bounded_and_resynchronises(tmp_path, monkey
         records, counts = read(path, "dreamlip")
     finally:
         csv.field_size_limit(limit)
-    assert limit == url_lists.CSV_FIELD_SIZE_LIMIT
+    assert limit >= url_lists.CSV_FIELD_SIZE_LIMIT
     assert counts["malformed_row"] == 1
     assert records[-1].url == "http://example.com/19.jpg"  # later rows survive the broken one
 
