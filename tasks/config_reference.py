@@ -1,12 +1,15 @@
 """The configuration reference in README.md, generated from the pydantic models.
 
-``python -m tasks.config_reference`` prints it; a test checks that the README
-holds exactly this text, so the reference cannot drift from the code.
+``python -m tasks.config_reference`` prints it, ``--write README.md`` replaces the
+block between the markers; a test checks that the README holds exactly this text,
+so the reference cannot drift from the code.
 """
 
 from __future__ import annotations
 
+import sys
 import typing
+from pathlib import Path
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -58,5 +61,14 @@ def config_reference() -> str:
     return "\n".join(lines)
 
 
+def write_into(path: Path) -> None:
+    text = path.read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    path.write_text(text[:start] + config_reference() + text[end:])
+
+
 if __name__ == "__main__":
-    print(config_reference())
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":
+        write_into(Path(sys.argv[2]))
+    else:
+        print(config_reference())
