@@ -1,0 +1,152 @@
+"""Tiny randomly initialised stand-ins for OWLv2 and Phi-3.5, saved like real checkpoints.
+
+This sandbox (and the demo) cannot download weights, so the demo and the tests
+build tiny models from configs and save them, with a tokenizer trained here and
+the processor / chat template the real checkpoints carry, into a directory.
+The stages then load that directory through the very same ``from_pretrained``
+path as ``google/owlv2-base-patch16-ensemble`` or
+``microsoft/Phi-3.5-mini-instruct`` (and ``vllm serve <dir>`` can serve the Phi3
+one). Their outputs are random: they prove plumbing, never quality.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+# Words the stand-in tokenizers learn merges from (any other text still encodes:
+# both tokenizers are byte-level).
+_CORPUS = (
+    "a red circle on a blue background. the green square next to a yellow triangle. "
+    "a small purple star above a large orange rectangle. a white dog, a black cat, a person and a car. "
+    "Given the following image caption: Please generate five short questions and corresponding short "
+    "answers that someone might ask about this image. The questions should be relevant to the content "
+    "of the caption, and the answers be very short, concise, and factual based on the caption. "
+    'What colour is the circle? {"qa": [{"question": "What is it?", "answer": "a shape"}]} Q: A: yes no'
+)
+
+STANDIN_NOTE = "tiny randomly initialised stand-in (goldiclip-pipeline tests/demo); its outputs are meaningless"
+
+
+def _byte_level_bpe_merges(texts: Iterable[str], vocab_size: int, *, clip_style: bool) -> Tokenizer:
+    """Train a byte-level BPE: every byte stays encodable, merges come from ``texts``."""
+    suffix = {"end_of_word_suffix": "</w>"} if clip_style else {}
+    tokenizer = Tokenizer(models.BPE(**suffix))
+    if clip_style:
+        tokenizer.normalizer = normalizers.Lowercase()
+        # CLIP's pre-tokenizer: words, digits and punctuation runs, then bytes -> unicode.
+        split = pre_tokenizers.Split(Regex(r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False, **suffix
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def _merges(tokenizer: Tokenizer) -> list[tuple[str, str]]:
+    raw = json.loads(tokenizer.to_str())["model"]["merges"]
+    return [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in raw]
+
+
+def build_clip_tokenizer(texts: Iterable[str] = (_CORPUS,), vocab_size: int = 1000):
+    """A CLIP-format tokenizer (byte-level BPE, ``</w>`` word ends, ``!`` padding at id 0, EOT the highest id).
+
+    OWLv2's text tower pools the arg-max token id, which must be the end-of-text
+    token, and treats a query whose first id is 0 as padding: the vocabulary is
+    laid out as CLIP's is (256 bytes, 256 bytes + ``</w>``, merges, then the two
+    special tokens) so both hold.
+    """
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    merges = _merges(_byte_level_bpe_merges(texts, vocab_size, clip_style=True))
+    byte_chars = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in [*byte_chars, *(c + "</w>" for c in byte_chars), *("".join(m) for m in merges),
+                  "<|startoftext|>", "<|endoftext|>"]:
+        vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=16)
+
+
+def save_tiny_owlv2(out_dir: str | Path, *, image_size: int = 64, seed: int = 0) -> Path:
+    """Save a tiny random OWLv2 (hidden 32, 2 layers, ``image_size`` px, patch 16) + processor to ``out_dir``."""
+    import torch
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
+    from transformers.models.owlv2 import Owlv2ImageProcessorPil
+
+    out = Path(out_dir)
+    tokenizer = build_clip_tokenizer()
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = Owlv2Config(
+        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 16,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": 0},
+        vision_config={**tower, "image_size": image_size, "patch_size": 16},
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    model = Owlv2ForObjectDetection(config).eval()
+    with torch.no_grad():
+        # Random heads saturate: every box collapses to a point and scores to 0 or 1.
+        # Quiet them so boxes start as OWLv2's per-patch prior boxes and scores
+        # (cosine logits shifted by -1.5) spread around the 0.1 and 0.3 thresholds.
+        model.box_head.dense2.weight.mul_(0.01)
+        model.box_head.dense2.bias.zero_()
+        for head in (model.class_head.logit_shift, model.class_head.logit_scale):
+            head.weight.zero_()
+        model.class_head.logit_shift.bias.fill_(-1.5)
+        model.class_head.logit_scale.bias.zero_()
+    processor = Owlv2Processor(
+        image_processor=Owlv2ImageProcessorPil(size={"height": image_size, "width": image_size}), tokenizer=tokenizer
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "README.md").write_text(f"OWLv2 {STANDIN_NOTE}.\n")
+    return out
+
+
+# Phi-3's chat format: <|user|>\n...<|end|>\n<|assistant|>\n
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+PHI3_SPECIAL_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>")
+
+
+def save_tiny_phi3(out_dir: str | Path, *, vocab_size: int = 1024, max_positions: int = 2048, seed: int = 0) -> Path:
+    """Save a tiny random Phi3 (hidden 128, 2 heads of 64, 2 layers) with a byte-level BPE and chat template.
+
+    head_dim 64 because vLLM's CPU attention backend does not take 16 (ENVIRONMENT.md);
+    ``max_positions`` covers the VQA prompt plus 500 new tokens.
+    """
+    import torch
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    bpe = _byte_level_bpe_merges([_CORPUS], vocab_size - len(PHI3_SPECIAL_TOKENS), clip_style=False)
+    bpe.add_special_tokens(list(PHI3_SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=None, eos_token="<|end|>", pad_token="<|endoftext|>",
+        unk_token=None, model_max_length=max_positions, padding_side="left",
+    )
+    tokenizer.chat_template = PHI3_CHAT_TEMPLATE
+    end_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>")]
+    config = Phi3Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions,
+        original_max_position_embeddings=max_positions, pad_token_id=end_ids[1], bos_token_id=end_ids[1],
+        eos_token_id=end_ids[0], tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(eos_token_id=end_ids, pad_token_id=end_ids[1], do_sample=False)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(f"Phi-3 {STANDIN_NOTE}.\n")
+    return out
