@@ -71,10 +71,14 @@ class DownloadConfig(Section):
 
 
 class CaptionsConfig(Section):
-    NOT_IN_FINGERPRINT = frozenset({"parallel_shards"})
+    NOT_IN_FINGERPRINT = frozenset({"parallel_shards", "flush_bytes"})
 
     dreamlip_csvs: list[str] = Field(default_factory=list, description="DreamLIP caption CSVs (Image Path column).")
-    num_buckets: int = Field(default=256, ge=1, description="Hash buckets of the caption index (one pass over the CSVs).")
+    flush_bytes: int = Field(
+        default=1 << 30, ge=1,
+        description="Caption bytes buffered in memory (all image shards together) while the CSVs are "
+        "partitioned by shard; at the budget one part per shard is written. Larger: fewer, bigger parts.",
+    )
     parallel_shards: int = Field(default=2, ge=1)
 
 

@@ -1,4 +1,4 @@
-"""DreamLIP caption CSVs: streaming reader, URL join and a hash-partitioned index.
+"""DreamLIP caption CSVs: streaming reader, URL join, and a partition by image shard.
 
 METHOD.md section 7: every image has seven DreamLIP captions (`raw_caption`, a short
 and a long caption from each of InstructBLIP "IB", ShareGPT4V "SV" and LLaVA-1.5
@@ -23,41 +23,49 @@ swallowed are recovered.
 Two ways to join captions to downloaded images:
 
 * `join_captions`: one streaming pass over the CSVs keeping only wanted URLs.
-  Memory is bounded by the wanted set; time is O(CSV size) per call. Right for one
-  shard, the demo, or a wanted set that covers many shards at once.
-* `partition_captions` + `lookup_captions`: one pass writes every row into
-  `num_buckets` parquet files keyed by a stable hash of the URL; a lookup reads only
-  the buckets its URLs hash to, filtered by `url`. The trade-off: URLs of one
-  image shard are spread uniformly over the buckets, so a 5,000-URL shard touches
-  `1 - exp(-5000 / num_buckets)` of them; a per-shard lookup is cheap only when
-  `num_buckets` is large against the shard (or the lookup is made for many
-  shards at once, which reads each bucket once for all of them). For Open-30M
-  (30 GB of CSV against ~6,000 shards) the scalable order is bucket-major: for
-  each bucket, look up the downloaded URLs that hash to it (`bucket_of`) across
-  all shards, so the CSV bytes are read once at partition time and once more in
-  total at lookup time, instead of once per shard.
+  Memory is bounded by the wanted set; time is O(CSV size) per call. Right for a
+  handful of URLs or a one-off check, never once per shard.
+* `partition_by_shard` + `read_shard_captions` (the captions stage): the URL ->
+  image shard assignment is fixed before anything is downloaded (the download
+  split's `sources/shards/*.parquet`), so one pass over each CSV sends every row
+  to the image shard its URL belongs to, through a compact `UrlShardIndex`
+  (sorted 64-bit URL hashes + int32 shard ids, vectorised `np.searchsorted`);
+  rows whose URL is in no shard are dropped and counted (`url_not_in_lists`).
+  An image shard then reads only its own rows. Total cost for Open-30M: one pass
+  over the CSVs plus one read of each shard's own rows (~5,000 rows), instead of
+  a scan of all caption data per shard.
 
-Partition writes are atomic: each bucket is written under a temporary name and
-renamed only after the whole CSV is through; a per-CSV `_SUCCESS.json` marks a CSV
-done (a rerun skips it) and `manifest.json`, written last, is all `lookup_captions`
-trusts, so a killed run leaves nothing that a reader takes for a complete bucket.
+Partition writes are atomic and resumable: rows are buffered per shard in memory
+and flushed as one part file per shard when a byte budget is reached (never one
+open writer per shard, so thousands of shards work); each part is written under a
+temporary name and renamed; parts carry their CSV's tag and a per-attempt id, and
+a `_SUCCESS.json` per CSV names the attempt that finished. `manifest.json`,
+written last, is what readers trust, and they read only the finished attempt of
+each CSV in it, so a run killed at any point leaves nothing that a reader takes
+for caption rows, and a rerun redoes only the CSVs without `_SUCCESS.json`.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import re
 import uuid
-from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Hashable, TypeVar
 
 import fsspec
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from storage.fs import atomic_write, is_temporary, join, open_fs, read_json, write_json
+from storage.layout import shard_name
+from storage.tables import read_table
 
 CAPTIONERS = ("IB", "SV", "LLA")
 K = TypeVar("K", bound=Hashable)
@@ -257,36 +265,78 @@ def join_captions(
 
 
 # ---------------------------------------------------------------------------
-# Hash-partitioned caption index
+# Caption rows partitioned by image shard
+
+INDEX_VERSION = 1  # bump when the partition layout or the part schema changes
+CHUNK_ROWS = 20_000  # CSV rows hashed and assigned to shards at once
+WRITE_THREADS = 8  # parts written concurrently at a flush (object stores are latency-bound)
 
 
-def bucket_of(url: str, num_buckets: int) -> int:
-    """Stable bucket of a URL (Python's `hash` is salted per process, so not that)."""
-    digest = hashlib.blake2b(url.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % num_buckets
+def url_hash(url: str) -> int:
+    """Stable 64-bit hash of a URL (blake2b; Python's `hash` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(url.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def url_hashes(urls: Iterable[str]) -> np.ndarray:
+    """`url_hash` of each URL as a uint64 array."""
+    digests = b"".join(hashlib.blake2b(u.encode("utf-8"), digest_size=8).digest() for u in urls)
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
+class UrlShardIndex:
+    """URL -> image shard as two parallel arrays: sorted 64-bit URL hashes and int32 shard ids.
+
+    12 bytes per URL (Open-30M: ~360 MB) where a dict of URL strings would take
+    ~3 GB. Two listed URLs with one hash (a 64-bit collision; the download split
+    dedupes URLs, so nothing else) keep the first shard and are counted in
+    `collisions`. A hit is only a candidate: the shard's join checks the exact URL
+    string, so a collision can cost a caption, never attach a wrong one.
+    """
+
+    def __init__(self, hashes: np.ndarray, shards: np.ndarray):
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        shards = np.asarray(shards, dtype=np.int32)
+        order = np.argsort(hashes, kind="stable")
+        hashes, shards = hashes[order], shards[order]
+        del order
+        keep = np.ones(len(hashes), dtype=bool)
+        keep[1:] = hashes[1:] != hashes[:-1]
+        self.collisions = int(len(hashes) - int(keep.sum()))
+        self.hashes = hashes[keep] if self.collisions else hashes
+        self.shards = shards[keep] if self.collisions else shards
+
+    @classmethod
+    def from_shards(cls, shard_urls: Iterable[tuple[int, Iterable[str]]]) -> UrlShardIndex:
+        """Build from `(shard id, URLs of that shard)` pairs."""
+        hashes, shards = [], []
+        for shard, urls in shard_urls:
+            h = url_hashes(urls)
+            hashes.append(h)
+            shards.append(np.full(len(h), shard, dtype=np.int32))
+        if not hashes:
+            return cls(np.empty(0, np.uint64), np.empty(0, np.int32))
+        return cls(np.concatenate(hashes), np.concatenate(shards))
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def shard_of(self, hashes: np.ndarray) -> np.ndarray:
+        """Shard id of each hash (vectorised binary search); -1 where no listed URL has it."""
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        if not len(self.hashes):
+            return np.full(len(hashes), -1, dtype=np.int32)
+        pos = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
+        return np.where(self.hashes[pos] == hashes, self.shards[pos], -1).astype(np.int32)
 
 
 def caption_schema(captioners: Iterable[str] = CAPTIONERS) -> pa.Schema:
+    """Schema of the partition's parts: one row per CSV row, flat caption columns."""
     captioners = list(captioners)
     return pa.schema(
         [pa.field("url", pa.string(), nullable=False), pa.field("raw", pa.string())]
         + [pa.field(f"short_{c}", pa.string()) for c in captioners]
         + [pa.field(f"long_{c}", pa.string()) for c in captioners]
     )
-
-
-def _bucket_name(bucket: int) -> str:
-    return f"{bucket:05d}.parquet"
-
-
-def _part_name(csv_path: str, fingerprint: dict) -> str:
-    """Directory of one CSV's buckets: readable stem plus a hash of what built them.
-
-    A changed CSV or setting gets a new directory, so rebuilding never touches the
-    buckets that an existing manifest points to.
-    """
-    stem = csv_path.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0] or "csv"
-    return f"{stem}-{_digest(fingerprint)}"
 
 
 def _digest(obj) -> str:
@@ -304,180 +354,241 @@ def _file_stamp(url: str) -> dict:
     return stamp
 
 
-def _write_json_atomic(fs, path: str, obj) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    fs.mv(tmp, path)
+def _csv_tag(csv_path: str, fingerprint: dict) -> str:
+    """Name of one CSV's parts: a readable stem (no dashes or dots) plus a hash of what built them."""
+    stem = csv_path.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
+    stem = re.sub(r"[^A-Za-z0-9_]+", "_", stem)[:48] or "csv"
+    return f"{stem}-{_digest(fingerprint)}"
 
 
-def _read_json(fs, path: str):
-    with fs.open(path, "r") as f:
-        return json.load(f)
+def _part_prefix(tag: str, attempt: str) -> str:
+    return f"part-{tag}-{attempt}-"
+
+
+def _write_part(url: str, table: pa.Table) -> None:
+    """One part file, written under a temporary name and renamed (`storage.fs.atomic_write`)."""
+    with atomic_write(url, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+
+
+class _ShardBuffers:
+    """Caption rows held in memory per image shard, all flushed together at a byte budget.
+
+    A flush writes one part per shard that has rows, so there is never an open
+    writer per shard: thousands of shards cost memory only for their rows.
+    """
+
+    def __init__(self, root: str, prefix: str, flush_bytes: int, write_threads: int):
+        self.root, self.prefix = root, prefix
+        self.flush_bytes, self.write_threads = flush_bytes, write_threads
+        self.tables: dict[int, list[pa.Table]] = defaultdict(list)
+        self.nbytes = 0
+        self.flushes = 0
+        self.parts = 0
+
+    def add(self, table: pa.Table, shard_ids: np.ndarray) -> None:
+        """Add `table`, whose rows are sorted by `shard_ids` (stable, so CSV order within a shard)."""
+        shards, starts = np.unique(shard_ids, return_index=True)
+        ends = np.append(starts[1:], len(shard_ids))
+        for shard, a, b in zip(shards.tolist(), starts.tolist(), ends.tolist()):
+            self.tables[shard].append(table.slice(a, b - a))
+        self.nbytes += table.nbytes
+        if self.nbytes >= self.flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.tables:
+            return
+        name = f"{self.prefix}{self.flushes:06d}.parquet"
+        items = sorted(self.tables.items())
+        self.tables, self.nbytes = defaultdict(list), 0
+
+        def write(item: tuple[int, list[pa.Table]]) -> None:
+            shard, tables = item
+            _write_part(join(self.root, f"{shard:05d}", name), pa.concat_tables(tables))
+
+        with ThreadPoolExecutor(max_workers=self.write_threads) as pool:
+            list(pool.map(write, items))  # re-raises the first error
+        self.flushes += 1
+        self.parts += len(items)
 
 
 def _partition_one_csv(
     csv_path: str,
-    fs,
-    part_dir: str,
-    num_buckets: int,
+    root: str,
+    prefix: str,
+    url_index: UrlShardIndex,
     *,
     columns: DreamlipColumns,
     schema: pa.Schema,
-    rows_per_group: int,
-    max_buffer_chars: int,
-) -> Counter:
+    flush_bytes: int,
+    chunk_rows: int,
+    write_threads: int,
+) -> tuple[Counter, int]:
     counts: Counter = Counter()
-    fs.makedirs(part_dir, exist_ok=True)
-    for leftover in fs.glob(f"{part_dir}/*.tmp-*"):  # from a killed run
-        fs.rm(leftover)
-    token = uuid.uuid4().hex
-    tmp_paths = [f"{part_dir}/{_bucket_name(b)}.tmp-{token}" for b in range(num_buckets)]
-    files = [fs.open(p, "wb") for p in tmp_paths]
-    writers = [pq.ParquetWriter(f, schema, compression="zstd") for f in files]
-    buffers: list[list[DreamlipCaptions]] = [[] for _ in range(num_buckets)]
-    buffered_chars = 0
+    buffers = _ShardBuffers(root, prefix, flush_bytes, write_threads)
+    short, long = list(columns.short), list(columns.long)
 
-    def flush(b: int) -> None:
-        rows = buffers[b]
-        if not rows:
+    def push(rows: list[DreamlipCaptions]) -> None:
+        ids = url_index.shard_of(url_hashes(r.url for r in rows))
+        kept = np.flatnonzero(ids >= 0)
+        if len(kept) < len(rows):
+            counts["url_not_in_lists"] += len(rows) - len(kept)
+        if not len(kept):
             return
-        data = {"url": [r.url for r in rows], "raw": [r.raw for r in rows]}
-        for kind in ("short", "long"):
-            for c in columns.short if kind == "short" else columns.long:
-                data[f"{kind}_{c}"] = [getattr(r, kind)[c] for r in rows]
-        writers[b].write_table(pa.Table.from_pydict(data, schema=schema))
-        buffers[b] = []
+        order = kept[np.argsort(ids[kept], kind="stable")].tolist()
+        picked = [rows[i] for i in order]
+        data = {"url": [r.url for r in picked], "raw": [r.raw for r in picked]}
+        for c in short:
+            data[f"short_{c}"] = [r.short[c] for r in picked]
+        for c in long:
+            data[f"long_{c}"] = [r.long[c] for r in picked]
+        buffers.add(pa.Table.from_pydict(data, schema=schema), ids[order])
 
-    try:
-        for row in iter_dreamlip_rows(csv_path, counts=counts, columns=columns):
-            b = bucket_of(row.url, num_buckets)
-            buffers[b].append(row)
-            buffered_chars += len(row.url) + len(row.raw) + sum(map(len, row.short.values())) + sum(
-                map(len, row.long.values())
-            )
-            if len(buffers[b]) >= rows_per_group:
-                flush(b)
-            if buffered_chars >= max_buffer_chars:
-                for i in range(num_buckets):
-                    flush(i)
-                buffered_chars = 0
-        for b in range(num_buckets):
-            flush(b)
-    finally:
-        for w, f in zip(writers, files):
-            w.close()
-            f.close()
-    for b, tmp in enumerate(tmp_paths):
-        fs.mv(tmp, f"{part_dir}/{_bucket_name(b)}")
-    return counts
+    rows: list[DreamlipCaptions] = []
+    for row in iter_dreamlip_rows(csv_path, counts=counts, columns=columns):
+        rows.append(row)
+        if len(rows) >= chunk_rows:
+            push(rows)
+            rows = []
+    if rows:
+        push(rows)
+    buffers.flush()
+    return counts, buffers.parts
 
 
-def partition_captions(
+def _remove_parts(root: str, tag: str) -> None:
+    """Delete parts (and temporaries) a killed run left for CSV `tag`; they are never read anyway."""
+    fs, path = open_fs(root)
+    if not fs.exists(path):
+        return
+    for leftover in fs.glob(f"{path}/*/{_part_prefix(tag, '*')}*"):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(leftover)
+
+
+def index_dir(out_url: str, manifest: dict) -> str:
+    """Directory of one partition (`{out_url}/{index fingerprint}`)."""
+    return join(out_url, manifest["index"])
+
+
+def partition_by_shard(
     csv_paths: Iterable[str],
-    out_url_prefix: str,
-    num_buckets: int,
-    counts: Counter,
+    out_url: str,
+    split_fingerprint: str,
+    load_url_index: Callable[[], UrlShardIndex],
     *,
     columns: DreamlipColumns = DEFAULT_COLUMNS,
-    rows_per_group: int = 4096,
-    max_buffer_chars: int = 256 << 20,
+    flush_bytes: int = 1 << 30,
+    chunk_rows: int = CHUNK_ROWS,
+    write_threads: int = WRITE_THREADS,
 ) -> dict:
-    """Write every CSV row into `num_buckets` parquet buckets keyed by `bucket_of(url)`.
+    """Write every CSV row whose URL is in an image shard into that shard's parts; one pass per CSV.
 
-    Layout: `{prefix}/{csv stem}-{fingerprint}/{bucket:05d}.parquet` plus a
-    `_SUCCESS.json` per CSV, and `{prefix}/manifest.json` (returned): `num_buckets`,
-    `captioners`, `parts` (per CSV in order: csv, dir, fingerprint, counts), total
-    `counts` and a `fingerprint` of the whole index. Resumable per CSV: the
-    fingerprint covers the CSV's path, size and ETag/mtime, `num_buckets` and the
-    column names, and a CSV whose directory has `_SUCCESS.json` is skipped.
-    Memory: one open writer per bucket (so `num_buckets` is bounded by the open-file
-    limit) and at most `max_buffer_chars` of buffered captions. Adds the CSV row
-    counts to `counts`.
+    Layout under `{out_url}/{index}/` (`index` hashes `split_fingerprint`, the
+    download split's, and the column names, so a new split never mixes with an old one):
+    `{shard:05d}/part-{csv tag}-{attempt}-{flush:06d}.parquet` (`caption_schema`,
+    CSV order), `_csvs/{csv tag}/_SUCCESS.json` per finished CSV (attempt, counts)
+    and `manifest.json`, written last and returned: `index`, `captioners`, `csvs`
+    (each CSV's `_SUCCESS` content, in configured order), total `counts`, and a
+    `fingerprint` covering the index and every CSV's path, size and ETag/mtime.
+
+    Resume: a CSV with a matching `_SUCCESS.json` is not read again, and
+    `load_url_index` is called only when some CSV needs reading. A killed CSV is
+    redone under a new attempt id; readers take only the attempt named in its
+    `_SUCCESS.json`, so parts of the killed attempt (deleted here, best effort) and
+    temporary files are never read. Memory: the URL index plus `flush_bytes` of
+    buffered caption rows (Arrow bytes) plus one chunk of `chunk_rows` rows.
+    Counts per CSV: `rows`, `malformed_row`, `empty_url` (`iter_dreamlip_rows`) and
+    `url_not_in_lists` (dropped: the URL is in no image shard).
     """
-    if num_buckets < 1:
-        raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
-    fs, prefix = fsspec.core.url_to_fs(out_url_prefix)
-    prefix = prefix.rstrip("/")
+    if flush_bytes < 1 or chunk_rows < 1:
+        raise ValueError(f"flush_bytes and chunk_rows must be >= 1, got {flush_bytes}, {chunk_rows}")
+    if list(columns.short) != list(columns.long):
+        raise ValueError("short and long captioners must match")
     schema = caption_schema(columns.short)
-    assert list(columns.short) == list(columns.long), "short and long captioners must match"
-    settings = {"num_buckets": num_buckets, "columns": columns.required()}
-    parts = []
-    for csv_path in csv_paths:
-        fingerprint = {**settings, "csv": csv_path, "stamp": _file_stamp(csv_path)}
-        part = _part_name(csv_path, fingerprint)
-        part_dir = f"{prefix}/{part}"
-        success = f"{part_dir}/_SUCCESS.json"
-        if fs.exists(success):
-            csv_counts = Counter(_read_json(fs, success)["counts"])
-        else:
-            csv_counts = _partition_one_csv(
-                csv_path,
-                fs,
-                part_dir,
-                num_buckets,
-                columns=columns,
-                schema=schema,
-                rows_per_group=rows_per_group,
-                max_buffer_chars=max_buffer_chars,
+    index = _digest(
+        {"version": INDEX_VERSION, "split": split_fingerprint, "columns": columns.required(),
+         "captioners": list(columns.short)}
+    )
+    root = join(out_url, index)
+    url_index: UrlShardIndex | None = None
+    entries = []
+    for csv_path in dict.fromkeys(csv_paths):  # a CSV listed twice is read once
+        fingerprint = {"csv": csv_path, "stamp": _file_stamp(csv_path), "index": index}
+        tag = _csv_tag(csv_path, fingerprint)
+        success = join(root, "_csvs", tag, "_SUCCESS.json")
+        entry = read_json(success)
+        if not entry or entry.get("fingerprint") != fingerprint:
+            if url_index is None:
+                url_index = load_url_index()
+            _remove_parts(root, tag)
+            attempt = uuid.uuid4().hex[:12]
+            counts, parts = _partition_one_csv(
+                csv_path, root, _part_prefix(tag, attempt), url_index,
+                columns=columns, schema=schema, flush_bytes=flush_bytes,
+                chunk_rows=chunk_rows, write_threads=write_threads,
             )
-            _write_json_atomic(fs, success, {"fingerprint": fingerprint, "counts": dict(csv_counts)})
-        counts.update(csv_counts)
-        parts.append({"csv": csv_path, "dir": part, "fingerprint": fingerprint, "counts": dict(csv_counts)})
+            entry = {"csv": csv_path, "tag": tag, "attempt": attempt, "fingerprint": fingerprint,
+                     "counts": dict(counts), "parts": parts}
+            write_json(success, entry)
+        entries.append(entry)
     total: Counter = Counter()
-    for p in parts:
-        total.update(p["counts"])
+    for e in entries:
+        total.update(e["counts"])
     manifest = {
-        "num_buckets": num_buckets,
+        "index": index,
+        "version": INDEX_VERSION,
         "captioners": list(columns.short),
-        "schema": [f.name for f in schema],
-        "parts": parts,
+        "csvs": entries,
         "counts": dict(total),
-        "fingerprint": _digest([p["fingerprint"] for p in parts]),
+        "fingerprint": _digest([index] + [e["fingerprint"] for e in entries]),
     }
-    _write_json_atomic(fs, f"{prefix}/manifest.json", manifest)
+    write_json(join(root, "manifest.json"), manifest)
     return manifest
 
 
-def lookup_captions(
-    bucket_prefix: str,
-    urls: Iterable[str],
+def read_shard_captions(
+    out_url: str,
+    manifest: dict,
+    shard: int | str,
+    urls: Collection[str],
     *,
-    counts: Counter | None = None,
-    batch_size: int = 8192,
+    counts: Counter,
 ) -> dict[str, DreamlipCaptions]:
-    """Captions of `urls` from a `partition_captions` index, reading only their buckets.
+    """Captions of one image shard's `urls` from a `partition_by_shard` manifest.
 
-    Only the buckets listed in `manifest.json` are read (never a leftover temporary
-    file); the first row of a URL in CSV order wins, later ones count as
-    `duplicate_url` in `counts`.
+    Reads only `{index}/{shard}/`, and there only the parts of each CSV's finished
+    attempt (CSV order, then flush order), never a temporary file. A row whose URL
+    is not exactly one of `urls` (a 64-bit hash collision) is dropped and counted
+    as `url_hash_collision`; the first row of a URL wins, later ones count as
+    `duplicate_url`.
     """
-    fs, prefix = fsspec.core.url_to_fs(bucket_prefix)
-    prefix = prefix.rstrip("/")
-    manifest_path = f"{prefix}/manifest.json"
-    if not fs.exists(manifest_path):
-        raise ValueError(f"{bucket_prefix}: no manifest.json; run partition_captions first")
-    manifest = _read_json(fs, manifest_path)
-    num_buckets, captioners = manifest["num_buckets"], manifest["captioners"]
-    by_bucket: dict[int, set[str]] = {}
-    for url in urls:
-        by_bucket.setdefault(bucket_of(url, num_buckets), set()).add(url)
+    shard_dir = join(index_dir(out_url, manifest), shard_name(shard))
+    fs, path = open_fs(shard_dir)
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        names = []
+    wanted = urls if isinstance(urls, (set, frozenset, dict)) else set(urls)
+    captioners = manifest["captioners"]
     found: dict[str, DreamlipCaptions] = {}
-    for bucket in sorted(by_bucket):
-        value_set = pa.array(sorted(by_bucket[bucket]), pa.string())
-        for part in manifest["parts"]:
-            with fs.open(f"{prefix}/{part['dir']}/{_bucket_name(bucket)}", "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
-                    hits = batch.filter(pc.is_in(batch.column("url"), value_set=value_set))
-                    for r in hits.to_pylist():
-                        if r["url"] in found:
-                            if counts is not None:
-                                counts["duplicate_url"] += 1
-                            continue
-                        found[r["url"]] = DreamlipCaptions(
-                            url=r["url"],
-                            raw=r["raw"],
-                            short={c: r[f"short_{c}"] for c in captioners},
-                            long={c: r[f"long_{c}"] for c in captioners},
-                        )
+    for entry in manifest["csvs"]:
+        prefix = _part_prefix(entry["tag"], entry["attempt"])
+        pattern = re.compile(rf"{re.escape(prefix)}(\d+)\.parquet")
+        parts = sorted((int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n)))
+        for _, name in parts:
+            for r in read_table(join(shard_dir, name)).to_pylist():
+                url = r["url"]
+                if url not in wanted:
+                    counts["url_hash_collision"] += 1
+                elif url in found:
+                    counts["duplicate_url"] += 1
+                else:
+                    found[url] = DreamlipCaptions(
+                        url=url,
+                        raw=r["raw"],
+                        short={c: r[f"short_{c}"] for c in captioners},
+                        long={c: r[f"long_{c}"] for c in captioners},
+                    )
     return found

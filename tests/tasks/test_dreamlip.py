@@ -1,4 +1,4 @@
-"""DreamLIP CSV streaming, join and the hash-partitioned caption index."""
+"""DreamLIP CSV streaming, join and the partition of caption rows by image shard."""
 from __future__ import annotations
 
 import csv
@@ -6,17 +6,20 @@ import io
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tasks.dreamlip import (
     CAPTIONERS,
     DreamlipCaptions,
     DreamlipColumns,
-    bucket_of,
+    UrlShardIndex,
     iter_dreamlip_rows,
     join_captions,
-    lookup_captions,
-    partition_captions,
+    partition_by_shard,
+    read_shard_captions,
+    url_hash,
+    url_hashes,
 )
 
 HEADER = ["Image Path", "raw_caption"] + [f"{k}{c}_captions" for c in CAPTIONERS for k in ("short", "long")]
@@ -108,60 +111,118 @@ def test_join_keeps_only_wanted_urls_across_files(tmp_path):
     assert set(join_captions([a, b], {"http://x/4.jpg"}, counts=Counter())) == {"http://x/4.jpg"}
 
 
-def test_partition_and_lookup_round_trip(tmp_path):
+def _index(shards: dict[int, list[int]]) -> UrlShardIndex:
+    return UrlShardIndex.from_shards((s, [f"http://x/{i}.jpg" for i in ids]) for s, ids in shards.items())
+
+
+def test_url_shard_index_maps_hashes_to_shards():
+    index = _index({0: [0, 1, 2], 7: [10, 11], 3: [20]})
+    assert len(index) == 6 and index.collisions == 0
+    urls = ["http://x/11.jpg", "http://x/missing.jpg", "http://x/0.jpg", "http://x/20.jpg"]
+    assert index.shard_of(url_hashes(urls)).tolist() == [7, -1, 0, 3]
+    assert url_hashes(["http://x/0.jpg"])[0] == url_hash("http://x/0.jpg")
+    assert UrlShardIndex.from_shards([]).shard_of(url_hashes(urls)).tolist() == [-1] * 4
+    # One hash in two shards (a collision): the first shard keeps it.
+    dup = UrlShardIndex(np.array([5, 9, 5], np.uint64), np.array([1, 2, 3], np.int32))
+    assert dup.collisions == 1 and dup.shard_of(np.array([5, 9], np.uint64)).tolist() == [1, 2]
+
+
+def _partition(csvs, out, index, **kw):
+    calls = []
+
+    def load():
+        calls.append(1)
+        return index
+
+    manifest = partition_by_shard(csvs, out, "split-fp", load, **kw)
+    return manifest, len(calls)
+
+
+def test_partition_by_shard_round_trip(tmp_path):
     a = _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(0, 30)]))
-    b = _write(tmp_path / "b.csv", _csv_text([_row(i) for i in range(30, 60)] + [["dup"] + _row(5)[1:]]))
-    index = str(tmp_path / "index")
-    counts = Counter()
-    manifest = partition_captions([a, b], index, 4, counts, rows_per_group=7)
-    assert counts["rows"] == 61 and manifest["counts"]["rows"] == 61
-    assert len(manifest["parts"]) == 2 and manifest["num_buckets"] == 4
-    wanted = ["http://x/0.jpg", "http://x/33.jpg", "http://x/59.jpg", "http://x/missing.jpg"]
-    got = lookup_captions(index, wanted)
-    assert set(got) == set(wanted[:3])
-    expected = {r.url: r for r in iter_dreamlip_rows(a, counts=Counter())}
-    assert got["http://x/0.jpg"] == expected["http://x/0.jpg"]
+    b = _write(tmp_path / "b.csv", _csv_text([_row(i) for i in range(30, 60)] + [_row(5), _row(99)]))
+    index = _index({0: list(range(0, 20)), 1: list(range(20, 40)), 2: list(range(40, 60))})
+    out = str(tmp_path / "parts")
+    manifest, loads = _partition([a, b], out, index, flush_bytes=4000, chunk_rows=7)
+    assert loads == 1
+    assert manifest["counts"] == {"rows": 62, "url_not_in_lists": 1}
+    assert [e["counts"] for e in manifest["csvs"]] == [{"rows": 30}, {"rows": 32, "url_not_in_lists": 1}]
+    root = tmp_path / "parts" / manifest["index"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["00000", "00001", "00002", "_csvs"]
+    assert len(list((root / "00000").glob("part-*.parquet"))) > 2  # the small budget made several flushes
+    expected = {r.url: r for path in (a, b) for r in iter_dreamlip_rows(path, counts=Counter())}
+    for shard, ids in {0: range(0, 20), 1: range(20, 40), 2: range(40, 60)}.items():
+        urls = {f"http://x/{i}.jpg" for i in ids}
+        counts = Counter()
+        got = read_shard_captions(out, manifest, shard, urls, counts=counts)
+        assert got == {u: expected[u] for u in urls}
+        assert counts == (Counter(duplicate_url=1) if shard == 0 else Counter())
     assert got["http://x/59.jpg"].long["LLA"] == 'Long LLA 59 first sentence.\nSecond sentence, "quoted".'
-    assert {bucket_of(u, 4) for u in expected} == set(range(4))
+    # No directory for a shard without rows: nothing found, nothing raised.
+    assert read_shard_captions(out, manifest, 4, {"http://x/1.jpg"}, counts=Counter()) == {}
 
 
-def test_partition_resumes_and_ignores_leftover_temp_files(tmp_path):
+def test_partition_verifies_urls_against_hash_collisions(tmp_path):
+    a = _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(4)]))
+    # Pretend http://x/3.jpg collides with a URL of shard 1 that has no caption row.
+    hashes = url_hashes([f"http://x/{i}.jpg" for i in range(4)])
+    index = UrlShardIndex(hashes, np.array([0, 0, 0, 1], np.int32))
+    out = str(tmp_path / "parts")
+    manifest, _ = _partition([a], out, index)
+    counts = Counter()
+    assert read_shard_captions(out, manifest, 1, {"http://x/other.jpg"}, counts=counts) == {}
+    assert counts == Counter(url_hash_collision=1)
+
+
+def test_partition_resumes_and_ignores_leftovers(tmp_path):
     a = _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(20)]))
-    index = tmp_path / "index"
-    manifest = partition_captions([a], str(index), 3, Counter())
-    part_dir = index / manifest["parts"][0]["dir"]
-    bucket = bucket_of("http://x/4.jpg", 3)
-    # A killed run leaves a temporary file full of junk next to a bucket: never read.
-    (part_dir / f"{bucket:05d}.parquet.tmp-deadbeef").write_bytes(b"not parquet")
-    assert lookup_captions(str(index), ["http://x/4.jpg"])["http://x/4.jpg"].raw == "raw 4"
-    stamp = {p.name: p.stat().st_mtime_ns for p in part_dir.glob("*.parquet")}
-    again = partition_captions([a], str(index), 3, Counter())
-    assert again == manifest
-    assert {p.name: p.stat().st_mtime_ns for p in part_dir.glob("*.parquet")} == stamp
+    index = _index({0: list(range(10)), 1: list(range(10, 20))})
+    out = str(tmp_path / "parts")
+    manifest, _ = _partition([a], out, index)
+    shard_dir = tmp_path / "parts" / manifest["index"] / "00000"
+    # Junk a killed run might leave: a temporary file and a part of an unfinished attempt.
+    tag = manifest["csvs"][0]["tag"]
+    (shard_dir / f"part-{tag}-{manifest['csvs'][0]['attempt']}-000000.parquet.tmp-deadbeef").write_bytes(b"junk")
+    (shard_dir / f"part-{tag}-deadbeef0000-000000.parquet").write_bytes(b"junk")
+    got = read_shard_captions(out, manifest, 0, {"http://x/4.jpg"}, counts=Counter())
+    assert got["http://x/4.jpg"].raw == "raw 4"
+    stamp = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.parquet")}
+    again, loads = _partition([a], out, index)
+    assert again == manifest and loads == 0  # nothing re-read, no index built
+    assert {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.parquet")} == stamp
 
 
 def test_killed_partition_is_not_visible(tmp_path, monkeypatch):
     import tasks.dreamlip as dreamlip
 
     a = _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(20)]))
-    index = tmp_path / "index"
+    index = _index({0: list(range(10)), 1: list(range(10, 20))})
+    out = tmp_path / "parts"
+    real = dreamlip._write_part
+    written = []
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # stands in for SIGKILL before the renames
+    def killed(url, table):
+        if written:
+            raise KeyboardInterrupt  # stands in for SIGKILL after the first part
+        real(url, table)
+        written.append(url)
 
-    monkeypatch.setattr(dreamlip.fsspec.implementations.local.LocalFileSystem, "mv", killed)
+    monkeypatch.setattr(dreamlip, "_write_part", killed)
     with pytest.raises(KeyboardInterrupt):
-        partition_captions([a], str(index), 2, Counter())
+        _partition([a], str(out), index, write_threads=1)
     monkeypatch.undo()
-    assert not list(index.rglob("*.parquet")) and not (index / "manifest.json").exists()
-    with pytest.raises(ValueError, match="manifest"):
-        lookup_captions(str(index), ["http://x/1.jpg"])
-    partition_captions([a], str(index), 2, Counter())
-    assert not list(index.rglob("*.tmp-*"))
-    assert lookup_captions(str(index), ["http://x/1.jpg"])["http://x/1.jpg"].raw == "raw 1"
+    assert len(list(out.rglob("part-*.parquet"))) == 1
+    assert not list(out.rglob("_SUCCESS.json")) and not list(out.rglob("manifest.json"))
+    manifest, loads = _partition([a], str(out), index)
+    assert loads == 1
+    assert not list(out.rglob("*.tmp-*"))
+    assert len(list(out.rglob("part-*.parquet"))) == 2  # the killed attempt's part was removed
+    got = read_shard_captions(str(out), manifest, 0, {f"http://x/{i}.jpg" for i in range(10)}, counts=Counter())
+    assert len(got) == 10
 
 
 def test_partition_on_memory_filesystem(tmp_path):
     a = _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(10)]))
-    partition_captions([a], "memory://dreamlip-index", 2, Counter())
-    assert lookup_captions("memory://dreamlip-index", ["http://x/7.jpg"])["http://x/7.jpg"].raw == "raw 7"
+    manifest, _ = _partition([a], "memory://dreamlip-parts", _index({3: list(range(10))}))
+    got = read_shard_captions("memory://dreamlip-parts", manifest, 3, {"http://x/7.jpg"}, counts=Counter())
+    assert got["http://x/7.jpg"].raw == "raw 7"
