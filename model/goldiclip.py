@@ -85,16 +85,16 @@ class GoldiCLIP(nn.Module):
     def score_features(self, texts: torch.Tensor, image_global: torch.Tensor, image_patches: torch.Tensor, *,
                        mode: str = "conditioned", attention_sink: bool | None = None) -> torch.Tensor:
         """(num_texts, num_images) cosine similarities from encoded texts and images."""
-        texts = F.normalize(texts, dim=-1)  # (N, D)
+        unit_texts = F.normalize(texts, dim=-1)  # (N, D)
         if mode == "agnostic":
-            return texts @ F.normalize(image_global, dim=-1).T  # (N, I)
+            return unit_texts @ F.normalize(image_global, dim=-1).T  # (N, I)
         if mode != "conditioned":
             raise ValueError(f"unknown score mode {mode!r}; choices: ['conditioned', 'agnostic']")
         chunk = self.config.score_image_chunk_size
         columns = []
         for start in range(0, image_patches.shape[0], chunk):
             pooled = self.pooling(texts, image_patches[start:start + chunk], attention_sink)  # (c, N, D)
-            columns.append((F.normalize(pooled, dim=-1) * texts).sum(-1))  # (c, N)
+            columns.append((F.normalize(pooled, dim=-1) * unit_texts).sum(-1))  # (c, N)
         return torch.cat(columns).T  # (N, I)
 
     @torch.no_grad()

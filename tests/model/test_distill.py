@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .helpers import make_batch
+
+from model import DINOHead, DistillConfig, DistillationLoss, EMATeacher, GoldiCLIP, ema_momentum, replace_config
+
+CONFIG = DistillConfig(head_hidden_dim=32, head_bottleneck_dim=8, num_prototypes=64, image_chunk_size=2)
+
+
+def reference_distillation(student_logits, teacher_logits, center, student_temp, teacher_temp):
+    """CE(P_t(g), P_s(v)) averaged over images and pairs (g global, v != g), one pair at a time."""
+    num_images, num_views = student_logits.shape[:2]
+    num_global = teacher_logits.shape[1]
+    total, pairs = 0.0, 0
+    for b in range(num_images):
+        for g in range(num_global):
+            target = torch.softmax((teacher_logits[b, g] - center) / teacher_temp, dim=-1)
+            for v in range(num_views):
+                if v == g:
+                    continue
+                total = total - (target * torch.log_softmax(student_logits[b, v] / student_temp, dim=-1)).sum()
+                pairs += 1
+    return total / pairs
+
+
+def test_chunked_loss_matches_the_pairwise_formula():
+    torch.manual_seed(0)
+    head, loss_fn = DINOHead(CONFIG, 16), DistillationLoss(CONFIG)
+    with torch.no_grad():
+        loss_fn.center.normal_()
+    student_features, teacher_features = torch.randn(5, 6, 16), torch.randn(5, 2, 16)
+    center = loss_fn.center.clone()
+    teacher_logits = head(teacher_features).detach()
+    probs = loss_fn.teacher_probs(teacher_logits, torch.tensor(0))
+    loss = loss_fn(student_embed=head.embed(student_features), weight=head.prototype_weight(), teacher_probs=probs)
+    expected = reference_distillation(head(student_features), teacher_logits, center, 0.1, 0.04)
+    assert torch.allclose(loss, expected, atol=1e-4)
+    grads = torch.autograd.grad(loss, head.prototypes)[0]
+    expected_grads = torch.autograd.grad(expected, head.prototypes)[0]
+    assert torch.allclose(grads, expected_grads, atol=1e-5)
+
+
+def test_prototypes_have_unit_norm_and_embeddings_are_normalised():
+    head = DINOHead(CONFIG, 16)
+    assert torch.allclose(head.prototype_weight().norm(dim=-1), torch.ones(64))
+    assert torch.allclose(head.embed(torch.randn(3, 16)).norm(dim=-1), torch.ones(3))
+    assert head(torch.randn(3, 16)).shape == (3, 64)
+
+
+def test_center_moves_by_its_ema_rule():
+    loss_fn = DistillationLoss(CONFIG)
+    old = torch.randn(1, 64)
+    loss_fn.center.copy_(old)
+    teacher_logits = torch.randn(4, 2, 64)
+    loss_fn.teacher_probs(teacher_logits, torch.tensor(0))
+    expected = 0.9 * old + 0.1 * teacher_logits.mean(dim=(0, 1))
+    assert torch.allclose(loss_fn.center, expected, atol=1e-6)
+
+
+def test_teacher_temperature_warms_up():
+    loss_fn = DistillationLoss(DistillConfig(teacher_temp=0.04, teacher_temp_final=0.07, teacher_temp_warmup_steps=10))
+    assert math.isclose(loss_fn.teacher_temp(torch.tensor(0)), 0.04, rel_tol=1e-6)
+    assert math.isclose(loss_fn.teacher_temp(torch.tensor(5)), 0.055, rel_tol=1e-6)
+    assert math.isclose(loss_fn.teacher_temp(torch.tensor(50)), 0.07, rel_tol=1e-6)
+
+
+def test_ema_momentum_schedule():
+    assert math.isclose(ema_momentum(DistillConfig(), torch.tensor(123)), 0.996, rel_tol=1e-6)
+    cosine = DistillConfig(ema_cosine_steps=100)
+    assert math.isclose(ema_momentum(cosine, torch.tensor(0)), 0.996, rel_tol=1e-6)
+    assert math.isclose(ema_momentum(cosine, torch.tensor(50)), 0.998, rel_tol=1e-6)
+    assert math.isclose(ema_momentum(cosine, torch.tensor(100)), 1.0, rel_tol=1e-6)
+
+
+def test_teacher_moves_by_exactly_the_ema_rule():
+    student = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    teacher = EMATeacher(student)
+    before = [p.clone() for p in teacher.model.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    teacher.update(student, torch.tensor(0.9))
+    for old, new, s in zip(before, teacher.model.parameters(), student.parameters()):
+        assert torch.allclose(new, 0.9 * old + 0.1 * s, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared_head", [False, True])
+def test_model_teacher_gets_no_gradients_and_follows_the_student(debug_config, tokenizer, shared_head):
+    config = replace_config(debug_config, distill={"shared_head": shared_head})
+    torch.manual_seed(0)
+    model = GoldiCLIP(config)
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    loss, _ = model(make_batch(config, tokenizer))
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert model.distill_heads["ta"].prototypes.grad is not None
+    student = model.distilled_student()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1)
+    before = [p.clone() for p in model.teacher.model.parameters()]
+    model.update_teacher()
+    for old, new, s in zip(before, model.teacher.model.parameters(), student.parameters()):
+        assert torch.allclose(new, 0.996 * old + 0.004 * s, atol=1e-6)
+    assert model.distill_step.item() == 1
+    assert (model.distill_heads["ta"] is model.distill_heads["tc"]) == shared_head

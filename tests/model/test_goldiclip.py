@@ -1,0 +1,109 @@
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GoldiCLIP, LOSS_NAMES, replace_config, tokenize
+
+from .helpers import make_batch
+
+
+def test_debug_forward_backward_runs_in_seconds(debug_config, tokenizer):
+    torch.manual_seed(0)
+    model = GoldiCLIP(debug_config)
+    batch = make_batch(debug_config, tokenizer)
+    start = time.perf_counter()
+    loss, metrics = model(batch)
+    loss.backward()
+    assert time.perf_counter() - start < 20  # seconds, on 2 shared CPU cores
+    assert torch.isfinite(loss)
+    for name in LOSS_NAMES:
+        assert {f"loss/{name}", f"weight/{name}", f"log_var/{name}"} <= set(metrics)
+    assert {"loss/total", "loss/ret_tc", "loss/ret_ta", "loss/sd_ta", "loss/sd_tc", "logit_scale"} <= set(metrics)
+    assert all(not value.requires_grad and value.dim() == 0 for value in metrics.values())
+    untouched = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not untouched
+
+
+@pytest.mark.parametrize("overrides,expected_losses", [
+    ({"distill": {"enabled": False}}, {"ret", "cap", "ref", "grd", "vqa"}),
+    ({"decoder": {"enabled": False}}, {"ret", "sd"}),
+    ({"distill": {"enabled": False}, "decoder": {"enabled": False}}, {"ret"}),
+    ({"pooling": {"attention_sink": False}, "weighting": {"uniform": True}}, set(LOSS_NAMES)),
+])
+def test_components_switch_off(debug_config, tokenizer, overrides, expected_losses):
+    config = replace_config(debug_config, **overrides)
+    torch.manual_seed(0)
+    model = GoldiCLIP(config)
+    batch = make_batch(config, tokenizer)
+    if not config.distill.enabled:
+        batch = {k: v for k, v in batch.items() if not k.endswith("_views")}
+        assert not hasattr(model, "teacher")
+    loss, metrics = model(batch)
+    loss.backward()
+    assert {k.split("/")[1] for k in metrics if k.startswith("log_var/")} == expected_losses
+    assert set(model.weighting.log_vars) == expected_losses
+    model.update_teacher()
+
+
+def test_absent_decoder_task_gets_no_term(debug_config, tokenizer):
+    torch.manual_seed(0)
+    model = GoldiCLIP(replace_config(debug_config, distill={"enabled": False}))
+    batch = make_batch(debug_config, tokenizer)
+    keep = batch["decoder_task"] != 3  # drop every VQA sample
+    for key in ("decoder_input_ids", "decoder_labels", "decoder_image_index", "decoder_task"):
+        batch[key] = batch[key][keep]
+    with torch.no_grad():
+        model.weighting.log_vars["vqa"].fill_(2.0)
+    loss, metrics = model(batch)
+    expected = sum(metrics[f"weight/{n}"] * metrics[f"loss/{n}"] + 0.5 * metrics[f"log_var/{n}"]
+                   for n in ("ret", "cap", "ref", "grd"))
+    assert metrics["loss/vqa"] == 0
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_score_matches_a_loop_over_pairs(debug_config, tokenizer):
+    torch.manual_seed(0)
+    model = GoldiCLIP(replace_config(debug_config, score_image_chunk_size=2)).eval()
+    ids = tokenize(tokenizer, ["a red square", "a blue circle", "a green star"], debug_config.text.context_length)
+    images = torch.randn(5, 3, 32, 32)
+    conditioned, agnostic = model.score(ids, images), model.score(ids, images, mode="agnostic")
+    assert conditioned.shape == agnostic.shape == (3, 5)
+    with torch.no_grad():
+        texts = model.encode_text(ids)
+        image_global, image_patches = model.encode_image(images)
+        for t in range(3):
+            for i in range(5):
+                pooled = model.pooling(texts[t][None], image_patches[i][None])[0, 0]
+                assert torch.isclose(conditioned[t, i], F.cosine_similarity(pooled, texts[t], dim=0), atol=1e-5)
+                assert torch.isclose(agnostic[t, i], F.cosine_similarity(image_global[i], texts[t], dim=0), atol=1e-5)
+    no_sink = model.score(ids, images, attention_sink=False)
+    assert not torch.allclose(no_sink, conditioned, atol=1e-4)
+    with pytest.raises(ValueError, match="agnostic"):
+        model.score(ids, images, mode="both")
+
+
+def test_bf16_autocast_step_is_finite(debug_config, tokenizer):
+    torch.manual_seed(0)
+    model = GoldiCLIP(debug_config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, metrics = model(make_batch(debug_config, tokenizer))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
+
+
+def test_total_loss_falls_on_a_fixed_batch(debug_config, tokenizer):
+    torch.manual_seed(0)
+    model = GoldiCLIP(debug_config)
+    batch = make_batch(debug_config, tokenizer, num_images=4, num_captions=2, num_global=2, num_local=2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    totals = []
+    for _ in range(40):
+        loss, _ = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.update_teacher()
+        totals.append(loss.item())
+    assert sum(totals[-5:]) / 5 < 0.5 * totals[0]
