@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from pipelines.boxes import boxes_flow
 from pipelines.captions import captions_flow
 from pipelines.common import resolve_config
 from pipelines.download import download_flow
+from pipelines.vqa import vqa_flow
 from tasks.config import ConfigError, PipelineConfig
 
 # In DAG order; each flow takes (config, overrides, force) and returns its summary.
 STAGE_FLOWS = {
     "download": download_flow,
     "captions": captions_flow,
+    "boxes": boxes_flow,
+    "vqa": vqa_flow,
 }
 
 

@@ -145,3 +145,12 @@ def test_stage_writes_boxes_counts_and_skips_when_done(tmp_path, owl_dir):
         {"dataset": {"root": root}, "boxes": {"model": owl_dir, "score_threshold": 0.99, "batch_size": 4}}
     )
     assert run_stage(BoxesStage(stricter))["counts"]["boxes"] == 0
+
+
+def test_boxes_flow(tmp_path, owl_dir, prefect_harness):
+    from pipelines.boxes import boxes_flow
+
+    root = str(tmp_path / "root")
+    make_shard(root)
+    summary = boxes_flow({"dataset": {"root": root}, "boxes": {"model": owl_dir, "score_threshold": 0.0}})
+    assert summary["counts"]["images"] == 5 and summary["device"] == "cpu"
