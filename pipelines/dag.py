@@ -8,6 +8,7 @@ from pipelines.boxes import boxes_flow
 from pipelines.captions import captions_flow
 from pipelines.common import resolve_config
 from pipelines.download import download_flow
+from pipelines.phrases import phrases_flow
 from pipelines.vqa import vqa_flow
 from tasks.config import ConfigError, PipelineConfig
 
@@ -15,6 +16,7 @@ from tasks.config import ConfigError, PipelineConfig
 STAGE_FLOWS = {
     "download": download_flow,
     "captions": captions_flow,
+    "phrases": phrases_flow,
     "boxes": boxes_flow,
     "vqa": vqa_flow,
 }

