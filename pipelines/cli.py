@@ -56,6 +56,11 @@ def print_summaries(summaries: dict[str, dict]) -> None:
         list_counts = s.get("url_lists", {}).get("list_counts") or s.get("csv_counts")
         if list_counts:
             typer.echo(f"  {'':<10} input files: " + ", ".join(f"{k}={v}" for k, v in sorted(list_counts.items())))
+        if s.get("metrics"):
+            from tasks.evaluate import describe_retrieval
+
+            for line in describe_retrieval(s["metrics"]):
+                typer.echo(f"  {'':<10} {line}")
 
 
 def _stage_command(stage: str):

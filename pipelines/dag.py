@@ -8,6 +8,7 @@ from pipelines.boxes import boxes_flow
 from pipelines.captions import captions_flow
 from pipelines.common import resolve_config
 from pipelines.download import download_flow
+from pipelines.evaluate import evaluate_flow
 from pipelines.phrases import phrases_flow
 from pipelines.vqa import vqa_flow
 from tasks.config import ConfigError, PipelineConfig
@@ -19,6 +20,7 @@ STAGE_FLOWS = {
     "phrases": phrases_flow,
     "boxes": boxes_flow,
     "vqa": vqa_flow,
+    "evaluate": evaluate_flow,
 }
 
 

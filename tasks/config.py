@@ -229,6 +229,151 @@ class VqaConfig(Section):
     parallel_shards: int = Field(default=1, ge=1, description="Shards in flight (each keeps `concurrency` requests going).")
 
 
+class EvalDatasetConfig(Section):
+    """One evaluation set (METHOD.md sec. 9): a retrieval set or a folder of class subfolders."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="Prefix of this set's metric names.")
+    format: Literal["coco", "flickr30k", "jsonl", "classification"] = Field(
+        description="coco: captions_val2017.json; flickr30k: Karpathy-style dataset_flickr30k.json "
+        "(images[].split/filename/sentences[].raw); jsonl: one {image, caption} (or {image, captions}) per "
+        "line, several lines per image allowed; classification: a folder of class subfolders of images."
+    )
+    path: str = Field(description="The annotation file (coco, flickr30k, jsonl) or the class-folder root.")
+    images: str | None = Field(
+        default=None,
+        description="Image directory; required for coco and flickr30k, for jsonl default: the jsonl's directory.",
+    )
+    split: str = Field(default="test", description="flickr30k: the Karpathy split to read.")
+    templates: list[str] = Field(
+        default=["a photo of a {}."], min_length=1,
+        description="classification: prompt templates, {} is the class name (folder name, _ -> space).",
+    )
+    max_images: int | None = Field(default=None, ge=1, description="Take only the first N images (smoke runs).")
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_a_slot(cls, templates: list[str]) -> list[str]:
+        missing = [t for t in templates if "{}" not in t]
+        if missing:
+            raise ValueError(f"every template needs a {{}} for the class name; these have none: {missing}")
+        return templates
+
+
+class EvaluateConfig(Section):
+    """Zero-shot retrieval and classification of a checkpoint (METHOD.md sec. 9, FLAIR protocol)."""
+
+    NOT_IN_FINGERPRINT = frozenset({"device", "image_batch_size", "text_batch_size", "score_image_chunk",
+                                    "score_text_chunk", "loader_threads"})
+
+    checkpoint: str | None = Field(
+        default=None,
+        description="A GoldiCLIP state_dict (.pt/.safetensors, goldiclip_config.json beside it), a checkpoint "
+        "directory holding one, or a `goldiclip export` directory. None: the latest checkpoint under <root>/runs.",
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="Hugging Face id or directory. None: a tokenizer saved with the checkpoint (its directory "
+        "or a parent, as tokenizer/ or in place); CLIP's BPE for a model with CLIP's vocabulary.",
+    )
+    datasets: list[EvalDatasetConfig] = Field(default_factory=list)
+    modes: list[Literal["conditioned", "agnostic", "rerank"]] = Field(
+        default=["conditioned", "agnostic", "rerank"], min_length=1,
+        description="conditioned: cos(pool(t, V_loc), t) for every pair; agnostic: cos(v_g, t); rerank: "
+        "agnostic top-k, re-ranked with conditioned scores. Classification is always agnostic.",
+    )
+    rerank_top_k: int = Field(default=10, ge=1, description="Candidates the rerank mode re-scores per query.")
+    attention_sink: bool | None = Field(default=None, description="Pooling's zero key; None: as in training.")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        default="auto", description="Autocast dtype; auto: bfloat16 on an accelerator, float32 on the CPU."
+    )
+    device: str = Field(default="auto", description="auto (an accelerator when torch sees one, else cpu) or a torch device.")
+    image_batch_size: int = Field(default=64, ge=1, description="Images per vision forward pass.")
+    text_batch_size: int = Field(default=256, ge=1, description="Texts per text forward pass.")
+    score_image_chunk: int = Field(default=64, ge=1, description="Images per tile of text-conditioned scoring.")
+    score_text_chunk: int = Field(default=1024, ge=1, description="Texts (or re-ranked pairs) per scoring tile.")
+    loader_threads: int = Field(default=4, ge=1, description="Threads decoding images ahead of the model.")
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_dataset_names(cls, datasets: list[EvalDatasetConfig]) -> list[EvalDatasetConfig]:
+        names = [d.name for d in datasets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"evaluation set names must be unique; repeated: {dupes}")
+        for d in datasets:
+            if d.format in ("coco", "flickr30k") and not d.images:
+                raise ValueError(f"evaluation set {d.name!r} ({d.format}) needs `images`, the image directory")
+        return datasets
+
+
+class RayConfig(Section):
+    """Where the training job runs."""
+
+    address: str | None = Field(
+        default=None,
+        description="Join this Ray cluster (`auto`, `ray://head:10001`); None: start a local Ray in the flow's process.",
+    )
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray (None: all of the machine's).")
+    temp_dir: str | None = Field(
+        default=None,
+        description="Session directory of a local Ray (default <tmp>/goldiclip-ray); keep it short, Ray puts "
+        "its sockets there.",
+    )
+
+
+class TrainConfig(Section):
+    """GoldiCLIP training with Ray Train (METHOD.md sec. 4, 7, 8). The run name is a fingerprint of
+    the fields that change what is trained, so rerunning the same config resumes that run."""
+
+    NOT_IN_FINGERPRINT = frozenset({
+        "ray", "use_gpu", "resources_per_worker", "loader_workers", "prefetch_factor", "checkpoint_every",
+        "num_to_keep", "max_failures", "log_every",
+    })
+
+    preset: str = Field(default="B/16", description="Model preset (model/config.py PRESETS: debug, B/16).")
+    model_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Nested overrides of the preset, e.g. {decoder: {enabled: false}}."
+    )
+    tokenizer: str = Field(
+        default="openai/clip-vit-base-patch16",
+        description="Hugging Face id or directory of the tokenizer; `local`: train a small BPE on the training "
+        "captions into <root>/tokenizer once (offline demo).",
+    )
+    local_tokenizer_vocab_size: int = Field(default=512, ge=64, description="Vocabulary of the `local` tokenizer.")
+    batch_size_per_worker: int = Field(default=800, ge=2, description="Images per Ray worker per step.")
+    captions_per_image: int = Field(default=10, ge=1, description="K captions per image (FLAIR diverse sampling).")
+    num_global_views: int = Field(default=2, ge=1, description="G global crops at the preset's image size.")
+    num_local_views: int = Field(default=6, ge=0, description="L local crops at the preset's local size.")
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    retrieval_crop_scale: tuple[float, float] = Field(
+        default=(0.9, 1.0), description="Area range of the random crop scored by L_ret and read by the decoder."
+    )
+    steps: int = Field(default=150_000, ge=1, description="Optimiser steps (32 epochs of 30M at 6,400 per step).")
+    lr: float = Field(default=5e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.5, ge=0, description="On >= 2-D weights only (METHOD.md sec. 8).")
+    warmup_steps: int = Field(default=2000, ge=0)
+    min_lr: float = Field(default=0.0, ge=0, description="End of the cosine decay.")
+    grad_clip: float | None = Field(default=1.0, gt=0, description="Max global gradient norm (None: no clipping).")
+    num_workers: int = Field(default=8, ge=1, description="Ray Train workers (one per GPU).")
+    use_gpu: bool = True
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Ray resources per worker, e.g. {CPU: 12, GPU: 1}."
+    )
+    loader_workers: int = Field(default=8, ge=0, description="DataLoader processes per Ray worker (decode + augment).")
+    prefetch_factor: int = Field(default=4, ge=1, description="Batches each loader process keeps ready.")
+    shuffle_buffer: int = Field(default=2000, ge=1, description="Samples in each loader process's shuffle buffer.")
+    resampled: bool = Field(default=True, description="Draw shards with replacement (open_clip --dataset-resampled).")
+    checkpoint_every: int = Field(default=1000, ge=1, description="Steps between checkpoints (and reports).")
+    num_to_keep: int = Field(default=3, ge=1, description="Checkpoints kept (the latest ones).")
+    max_failures: int = Field(default=3, ge=0, description="Worker-group restarts from the last checkpoint.")
+    log_every: int = Field(default=50, ge=1, description="Steps between metric rows (logs, progress, plots).")
+    seed: int = 0
+    ray: RayConfig = RayConfig()
+
+
 class PipelineConfig(Section):
     """The whole configuration file."""
 
@@ -239,6 +384,7 @@ class PipelineConfig(Section):
     boxes: BoxesConfig = BoxesConfig()
     vqa: VqaConfig = VqaConfig()
     phrases: PhrasesConfig = PhrasesConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @field_validator("sources")
     @classmethod
