@@ -10,6 +10,7 @@ from pipelines.common import resolve_config
 from pipelines.download import download_flow
 from pipelines.evaluate import evaluate_flow
 from pipelines.phrases import phrases_flow
+from pipelines.shards import shards_flow
 from pipelines.vqa import vqa_flow
 from tasks.config import ConfigError, PipelineConfig
 
@@ -20,6 +21,7 @@ STAGE_FLOWS = {
     "phrases": phrases_flow,
     "boxes": boxes_flow,
     "vqa": vqa_flow,
+    "shards": shards_flow,
     "evaluate": evaluate_flow,
 }
 

@@ -131,6 +131,23 @@ class PhrasesConfig(Section):
         return fields
 
 
+class ShardsConfig(Section):
+    """Training webdataset tars: every annotation joined by key, shuffled across input shards."""
+
+    NOT_IN_FINGERPRINT = frozenset({"parallel_shards"})
+
+    shard_size: int = Field(
+        default=5000, ge=1, description="Most samples per output tar (a window splits evenly into ceil(n / size)).",
+    )
+    shuffle_window: int = Field(
+        default=8, ge=1,
+        description="Input shards whose samples are shuffled together; each output reads its whole window.",
+    )
+    seed: int = 0
+    require_captions: bool = Field(default=True, description="Drop (and count) samples with no caption text.")
+    parallel_shards: int = Field(default=2, ge=1)
+
+
 class BoxesConfig(Section):
     """OWLv2 boxes for the phrases of each image (METHOD.md sec. 7, boxes)."""
 
@@ -385,6 +402,7 @@ class PipelineConfig(Section):
     vqa: VqaConfig = VqaConfig()
     phrases: PhrasesConfig = PhrasesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    shards: ShardsConfig = ShardsConfig()
 
     @field_validator("sources")
     @classmethod
