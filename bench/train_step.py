@@ -1,0 +1,221 @@
+"""Throughput, peak memory and MFU of one GoldiCLIP training step, with anchors in the same run.
+
+Measures, on synthetic device-resident batches (no data loading), bf16 autocast, AdamW (fused
+on CUDA/ROCm):
+  goldiclip      the full step: L_ret + distillation (teacher, G global + L local crops) +
+                 the four decoder tasks (one sample per task per image) + weighting + EMA update
+  goldiclip-ret  the same model with distillation and decoder off (the FLAIR-style core)
+  open_clip      an open_clip ViT-B-16 CLIP step at the same batch (skipped, with a message,
+                 when open_clip does not import)
+MFU = (FLOPs of one step counted by torch.utils.flop_counter.FlopCounterMode, eager, recompute
+included) / step time / peak bf16 matmul FLOP/s measured in this run.
+
+    python bench/train_step.py --preset B/16 --batch 128 --captions 8 --compile --out bench/out/step.json
+    python bench/train_step.py --preset debug --device cpu --batch 4 --captions 2 --steps 2   # smoke
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import IGNORE_INDEX, TASKS, GoldiCLIP, get_preset, replace_config  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="B/16")
+    parser.add_argument("--batch", type=int, default=128, help="images per step")
+    parser.add_argument("--captions", type=int, default=8, help="captions per image (K)")
+    parser.add_argument("--global-views", type=int, default=2)
+    parser.add_argument("--local-views", type=int, default=6)
+    parser.add_argument("--decoder-length", type=int, default=40, help="tokens per decoder sequence")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-distill", action="store_true")
+    parser.add_argument("--no-decoder", action="store_true")
+    parser.add_argument("--no-anchors", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak-matmul-size", type=int, default=None, help="default 8192 on GPU, 512 on CPU")
+    parser.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
+    return parser.parse_args()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_flops(device: torch.device, size: int, iterations: int = 20) -> float:
+    """Achievable bf16 matmul FLOP/s on this device (the MFU denominator)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * iterations / (time.perf_counter() - start)
+
+
+def random_text(num: int, length: int, *, vocab: int, bos: int, eos: int, pad: int, device,
+                min_length: int = 6) -> torch.Tensor:
+    """(num, length) ids: BOS, random tokens, EOS at a random position, then padding."""
+    ids = torch.randint(0, vocab - 2, (num, length), device=device)
+    ends = torch.randint(min_length, length, (num, 1), device=device)
+    positions = torch.arange(length, device=device)[None]
+    ids = torch.where(positions == ends, eos, torch.where(positions > ends, pad, ids))
+    ids[:, 0] = bos
+    return ids
+
+
+def synthetic_batch(config, args, device) -> dict[str, torch.Tensor]:
+    B, K = args.batch, args.captions
+    size, local, text = config.vision.image_size, config.vision.local_image_size, config.text
+    special = {"vocab": text.vocab_size, "bos": text.bos_token_id, "eos": text.eos_token_id, "pad": text.pad_token_id}
+    batch = {
+        "images": torch.randn(B, 3, size, size, device=device),
+        "caption_ids": random_text(B * K, text.context_length, device=device, **special).view(B, K, -1),
+    }
+    if config.distill.enabled:
+        batch["global_views"] = torch.randn(B, args.global_views, 3, size, size, device=device)
+        batch["local_views"] = torch.randn(B, args.local_views, 3, local, local, device=device)
+    if config.decoder.enabled:
+        M, S = B * len(TASKS), min(args.decoder_length, text.context_length)
+        ids = random_text(M, S, device=device, min_length=S // 2, **special)
+        positions = torch.arange(S, device=device)[None]
+        prompt_end = torch.randint(3, S // 2, (M, 1), device=device)
+        eos = (ids == text.eos_token_id).int().argmax(-1, keepdim=True)
+        targets = (positions >= prompt_end) & (positions < eos)
+        labels = torch.where(targets, ids.roll(-1, dims=1), IGNORE_INDEX)
+        batch |= {
+            "decoder_input_ids": ids,
+            "decoder_labels": labels,
+            "decoder_image_index": torch.arange(B, device=device).repeat_interleave(len(TASKS)),
+            "decoder_task": torch.arange(len(TASKS), device=device).repeat(B),
+        }
+    return batch
+
+
+class GoldiCLIPStep:
+    def __init__(self, config, args, device):
+        self.model = GoldiCLIP(config).to(device)
+        self.batch = synthetic_batch(config, args, device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.5,
+                                           fused=device.type == "cuda")
+        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.device = device
+
+    def loss(self, forward) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return forward(self.batch)[0]
+
+    def __call__(self, forward=None) -> torch.Tensor:
+        loss = self.loss(forward or self.forward)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.model.update_teacher()
+        return loss.detach()
+
+    def eager_step(self) -> None:
+        self(self.model)
+
+
+class OpenCLIPStep:
+    def __init__(self, open_clip, args, device):
+        self.model = open_clip.create_model("ViT-B-16").to(device)
+        self.loss_fn = open_clip.ClipLoss()
+        self.images = torch.randn(args.batch, 3, 224, 224, device=device)
+        self.texts = random_text(args.batch, 77, vocab=49408, bos=49406, eos=49407, pad=0, device=device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-4, fused=device.type == "cuda")
+        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.device = device
+
+    def __call__(self, forward=None) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            image_features, text_features, logit_scale = (forward or self.forward)(self.images, self.texts)[:3]
+            loss = self.loss_fn(image_features, text_features, logit_scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def eager_step(self) -> None:
+        self(self.model)
+
+
+def measure(name: str, step, args, device, peak_flops: float) -> dict:
+    with FlopCounterMode(display=False) as counter:
+        step.eager_step()
+    flops = counter.get_total_flops()
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    result = {
+        "run": name,
+        "images_per_s": args.batch / seconds,
+        "step_s": seconds,
+        "tflops_per_step": flops / 1e12,
+        "mfu": flops / seconds / peak_flops,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "final_loss": loss.float().item(),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    peak_size = args.peak_matmul_size or (8192 if device.type == "cuda" else 512)
+    peak_flops = measure_peak_flops(device, peak_size)
+    print(f"peak bf16 matmul ({peak_size}^3): {peak_flops / 1e12:.3g} TFLOP/s", flush=True)
+
+    config = get_preset(args.preset, distill={"enabled": not args.no_distill},
+                        decoder={"enabled": not args.no_decoder})
+    results = [measure("goldiclip", GoldiCLIPStep(config, args, device), args, device, peak_flops)]
+    if not args.no_anchors:
+        core = replace_config(config, distill={"enabled": False}, decoder={"enabled": False})
+        results.append(measure("goldiclip-ret", GoldiCLIPStep(core, args, device), args, device, peak_flops))
+        try:
+            import open_clip
+        except Exception as error:  # an absent package, or a broken torchvision beneath it
+            print(f"open_clip anchor skipped: cannot import open_clip ({type(error).__name__}: {error})")
+        else:
+            results.append(measure("open_clip-ViT-B-16", OpenCLIPStep(open_clip, args, device), args, device,
+                                   peak_flops))
+
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "peak_tflops": peak_flops / 1e12,
+        "results": results,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
