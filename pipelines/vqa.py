@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from pipelines.common import resolve_config
 from pipelines.stage_flow import run_stage_flow
@@ -17,4 +17,7 @@ def vqa_flow(
     """Write ``annotations/vqa/*.parquet``; a managed server (vqa.openai.server) lives as long as this flow."""
     stage = VqaStage(resolve_config(config, overrides))
     with stage.serving():
+        if stage.servers is not None:
+            get_run_logger().info("vqa: managed server(s) healthy at %s; logs: %s", stage.servers.base_urls,
+                                  ", ".join(str(p) for p in stage.servers.logs))
         return run_stage_flow(stage, force=force)

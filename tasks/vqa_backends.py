@@ -251,7 +251,7 @@ class ManagedServers:
             self.procs.append(proc)
             self.ports.append(port)
             self.logs.append(log_path)
-            log.warning("vqa server %d starting (pid %d) on port %d: %s; log: %s",
+            log.info("vqa server %d starting (pid %d) on port %d: %s; log: %s",
                         index, proc.pid, port, shlex.join(argv), log_path)
 
     def wait_healthy(self) -> None:
@@ -268,7 +268,7 @@ class ManagedServers:
                     with urllib.request.urlopen(f"http://{self.cfg.host}:{self.ports[i]}/health", timeout=2) as r:
                         if r.status == 200:
                             pending.discard(i)
-                            log.warning("vqa server %d healthy at %s", i, self.base_urls[i])
+                            log.info("vqa server %d healthy at %s", i, self.base_urls[i])
                 except (urllib.error.URLError, OSError):
                     pass
             if pending and time.monotonic() > deadline:
@@ -302,7 +302,7 @@ class ManagedServers:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         if self.procs:
-            log.warning("vqa server(s) stopped; logs: %s", [str(p) for p in self.logs])
+            log.info("vqa server(s) stopped; logs: %s", [str(p) for p in self.logs])
         self.procs = []
         atexit.unregister(self.stop)
 
