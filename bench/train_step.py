@@ -8,7 +8,8 @@ on CUDA/ROCm):
   open_clip      an open_clip ViT-B-16 CLIP step at the same batch (skipped, with a message,
                  when open_clip does not import)
 MFU = (FLOPs of one step counted by torch.utils.flop_counter.FlopCounterMode, eager, recompute
-included) / step time / peak bf16 matmul FLOP/s measured in this run.
+included) / step time / peak bf16 matmul FLOP/s measured in this run. `--parity` first runs one
+forward+backward in fp32 and in bf16 on the same batch and reports every loss of both.
 
     python bench/train_step.py --preset B/16 --batch 128 --captions 8 --compile --out bench/out/step.json
     python bench/train_step.py --preset debug --device cpu --batch 4 --captions 2 --steps 2   # smoke
@@ -42,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-distill", action="store_true")
     parser.add_argument("--no-decoder", action="store_true")
     parser.add_argument("--no-anchors", action="store_true")
+    parser.add_argument("--parity", action="store_true", help="first compare every loss under bf16 and fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-matmul-size", type=int, default=None, help="default 8192 on GPU, 512 on CPU")
     parser.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
@@ -182,17 +184,41 @@ def measure(name: str, step, args, device, peak_flops: float) -> dict:
     return result
 
 
+def bf16_parity(config, args, device) -> dict:
+    """Every loss of one forward+backward under bf16 autocast against fp32 on the same batch."""
+    step = GoldiCLIPStep(config, args, device)
+    buffers = {name: buffer.clone() for name, buffer in step.model.named_buffers()}
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)  # the same negative captions in both runs
+        with torch.no_grad():  # the same distillation centers in both runs
+            for name, buffer in step.model.named_buffers():
+                buffer.copy_(buffers[name])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss, metrics = step.model(step.batch)
+        loss.backward()
+        step.model.zero_grad(set_to_none=True)
+        losses[str(dtype)] = {k: v.float().item() for k, v in metrics.items() if k.startswith("loss/")}
+    fp32, bf16 = losses["torch.float32"], losses["torch.bfloat16"]
+    relative = {k: abs(bf16[k] - fp32[k]) / max(abs(fp32[k]), 1e-6) for k in fp32}
+    result = {"fp32": fp32, "bf16": bf16, "relative_difference": relative,
+              "all_finite": all(torch.isfinite(torch.tensor(list(bf16.values())))),
+              "max_relative_difference": max(relative.values())}
+    print(json.dumps({"bf16_parity": result}), flush=True)
+    return result
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     peak_size = args.peak_matmul_size or (8192 if device.type == "cuda" else 512)
     peak_flops = measure_peak_flops(device, peak_size)
     print(f"peak bf16 matmul ({peak_size}^3): {peak_flops / 1e12:.3g} TFLOP/s", flush=True)
 
     config = get_preset(args.preset, distill={"enabled": not args.no_distill},
                         decoder={"enabled": not args.no_decoder})
+    parity = bf16_parity(config, args, device) if args.parity else None  # in true fp32: before TF32 is on
+    torch.backends.cuda.matmul.allow_tf32 = True
     results = [measure("goldiclip", GoldiCLIPStep(config, args, device), args, device, peak_flops)]
     if not args.no_anchors:
         core = replace_config(config, distill={"enabled": False}, decoder={"enabled": False})
@@ -211,6 +237,7 @@ def main() -> None:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "peak_tflops": peak_flops / 1e12,
         "results": results,
+        "bf16_parity": parity,
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,7 @@ class WeightingConfig:
 
     uniform: bool = False
     static_weights: dict[str, float] = field(
-        default_factory=lambda: {"ret": 1.0, "cap": 2.0, "ref": 1.0, "grd": 1.0, "vqa": 1.0, "sd": 1.0}
+        default_factory=lambda: {"ret": 1.0, "cap": 2.0, "ref": 1.0, "grd": 1.0, "vqa": 1.0, "sd": 1.0}, hash=False
     )
 
 
@@ -113,9 +113,11 @@ class GoldiCLIPConfig:
     score_image_chunk_size: int = 256  # images per chunk in text-conditioned scoring
 
     def __post_init__(self):
-        assert self.vision.image_size % self.vision.patch_size == 0
-        assert self.vision.local_image_size % self.vision.patch_size == 0
-        assert self.embed_dim % self.pooling.num_heads == 0
+        for size in (self.vision.image_size, self.vision.local_image_size):
+            if size % self.vision.patch_size:
+                raise ValueError(f"image size {size} is not a multiple of the patch size {self.vision.patch_size}")
+        if self.embed_dim % self.pooling.num_heads or self.decoder.width % self.decoder.num_heads:
+            raise ValueError("embed_dim and decoder width must be multiples of their numbers of heads")
 
 
 PRESETS: dict[str, GoldiCLIPConfig] = {

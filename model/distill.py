@@ -39,8 +39,11 @@ class EMATeacher(nn.Module):
         teacher_params = list(self.model.parameters())
         student_params = list(student.parameters())
         assert len(teacher_params) == len(student_params)
-        # lerp(p_t, p_s, 1 - m) = m p_t + (1 - m) p_s; a tensor weight keeps the schedule on device.
-        torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1 - momentum)
+        # p_t + (1 - m)(p_s - p_t) = m p_t + (1 - m) p_s. foreach ops take a tensor factor only in
+        # mul (lerp would call .item() on it), which keeps a device-side schedule free of host syncs.
+        step = torch._foreach_sub([p.detach() for p in student_params], teacher_params)
+        torch._foreach_mul_(step, torch.as_tensor(1 - momentum, device=teacher_params[0].device))
+        torch._foreach_add_(teacher_params, step)
 
 
 class DINOHead(nn.Module):

@@ -35,3 +35,11 @@ def test_nested_overrides_and_unknown_keys():
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         GoldiCLIPConfig().embed_dim = 3
+
+
+def test_inconsistent_sizes_fail_loudly():
+    with pytest.raises(ValueError, match="patch size"):
+        get_preset("debug", vision={"local_image_size": 20})
+    with pytest.raises(ValueError, match="heads"):
+        get_preset("debug", pooling={"num_heads": 5})
+    hash(get_preset("B/16"))
