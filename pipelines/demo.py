@@ -20,6 +20,7 @@ import typer
 from tasks.config import load_config
 
 PORT_FILE = "server-port"
+DEMO_EVAL_SET = "demo_pairs"
 
 
 @contextlib.contextmanager
@@ -52,6 +53,8 @@ def demo_config(workdir: Path, source):
             "dataset.root": str(workdir / "data"),
             "sources.0.paths": [str(source.url_list)],
             "captions.dreamlip_csvs": [str(p) for p in source.dreamlip_csvs],
+            # Held-out images (never in the URL list) with one caption each.
+            "evaluate.datasets": [{"name": DEMO_EVAL_SET, "format": "jsonl", "path": str(source.eval_pairs)}],
         },
     )
 
@@ -73,6 +76,15 @@ def run_demo(workdir: Path, *, num_images: int = 400) -> dict:
         summaries = goldiclip_pipeline(config)
     typer.secho("\n[demo] per-stage counts (failures are counted and skipped, never fatal):", bold=True)
     print_summaries(summaries)
+    metrics = summaries.get("evaluate", {}).get("metrics", {})
+    if metrics:
+        from tasks.evaluate import metrics_path
+
+        typer.secho(f"\n[demo] held-out retrieval ({summaries['evaluate']['counts'][f'{DEMO_EVAL_SET}/images']} "
+                    f"images never seen in training; {metrics_path(config)}):", bold=True)
+        for mode in ("conditioned", "agnostic"):
+            value, chance = metrics[f"{DEMO_EVAL_SET}/{mode}/t2i_R@1"], metrics[f"{DEMO_EVAL_SET}/chance/t2i_R@1"]
+            typer.echo(f"       text-{mode} T2I R@1 = {value:.3f} (chance {chance:.3f}, {value / chance:.1f}x chance)")
     typer.echo(
         f"\n[demo] dataset: {config.dataset.root}  (images/, annotations/, _stages/<stage>.json)\n"
         f"[demo] run it again: finished shards are skipped. Redo one stage: "
