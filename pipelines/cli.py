@@ -56,6 +56,8 @@ def print_summaries(summaries: dict[str, dict]) -> None:
         list_counts = s.get("url_lists", {}).get("list_counts") or s.get("csv_counts")
         if list_counts:
             typer.echo(f"  {'':<10} input files: " + ", ".join(f"{k}={v}" for k, v in sorted(list_counts.items())))
+        if s.get("checkpoint"):
+            typer.echo(f"  {'':<10} checkpoint: {s['checkpoint']}  (plots: {s.get('run_dir', '')}/plots)")
         if s.get("metrics"):
             from tasks.evaluate import describe_retrieval
 
@@ -97,6 +99,20 @@ def demo(workdir: Path = typer.Option(Path("demo-run"), help="Where the demo's s
     from pipelines.demo import run_demo
 
     run_demo(workdir.resolve(), num_images=num_images)
+
+
+@app.command("export")
+def export(checkpoint: Path = typer.Argument(..., help="A training checkpoint directory (or its checkpoint.pt)."),
+           out_dir: Path = typer.Argument(..., help="Where to write the Hugging Face CLIP checkpoint.")) -> None:
+    """Write the student's towers as a Hugging Face CLIP checkpoint plus the pooling block."""
+    from tasks.export import export_checkpoint
+
+    try:
+        written = export_checkpoint(checkpoint, out_dir)
+    except ValueError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"exported to {written}: CLIPModel.from_pretrained('{written}'); tasks.export.load_exported for scoring")
 
 
 @app.command("config")

@@ -11,6 +11,7 @@ from pipelines.download import download_flow
 from pipelines.evaluate import evaluate_flow
 from pipelines.phrases import phrases_flow
 from pipelines.shards import shards_flow
+from pipelines.train import train_flow
 from pipelines.vqa import vqa_flow
 from tasks.config import ConfigError, PipelineConfig
 
@@ -22,6 +23,7 @@ STAGE_FLOWS = {
     "boxes": boxes_flow,
     "vqa": vqa_flow,
     "shards": shards_flow,
+    "train": train_flow,
     "evaluate": evaluate_flow,
 }
 

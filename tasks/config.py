@@ -401,6 +401,7 @@ class PipelineConfig(Section):
     boxes: BoxesConfig = BoxesConfig()
     vqa: VqaConfig = VqaConfig()
     phrases: PhrasesConfig = PhrasesConfig()
+    train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     shards: ShardsConfig = ShardsConfig()
 

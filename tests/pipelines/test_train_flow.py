@@ -1,0 +1,148 @@
+"""The train flow end to end: a real local Ray cluster (2 CPU workers), the real Prefect test API.
+
+One Ray cluster serves the module. Covered: checkpoints, metrics, plots and artifacts; a worker
+failure retried by FailureConfig (the test-only hook makes rank 1 raise once); SIGKILL of the
+driver after a checkpoint, then a rerun of the flow resumes from the last checkpoint with the
+same step and data position, and the loss history continues.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from storage import read_json
+from tasks.train import (
+    CHECKPOINT_FILE,
+    STARTS_FILE,
+    TEST_FAIL_ONCE_ENV,
+    TEST_FAILURE_MARKER,
+    latest_checkpoint_on_storage,
+    read_metrics,
+)
+from tests.train_fixtures import write_train_shards
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+BATCH, WORKERS = 4, 2
+
+
+def config_dict(root: Path, **train) -> dict:
+    return {
+        "dataset": {"root": str(root)},
+        "train": {
+            "preset": "debug", "tokenizer": "local", "local_tokenizer_vocab_size": 256,
+            "batch_size_per_worker": BATCH, "captions_per_image": 2, "num_local_views": 2,
+            "warmup_steps": 2, "lr": 1e-3, "num_workers": WORKERS, "use_gpu": False,
+            "resources_per_worker": {"CPU": 1}, "loader_workers": 0, "shuffle_buffer": 8, "log_every": 1,
+            "num_to_keep": 2, "max_failures": 2, "ray": {"num_cpus": 2}, **train,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=os.path.join(tempfile.gettempdir(), "goldiclip-ray-tests"))
+    yield
+    ray.shutdown()
+
+
+def run_dir_of(summary: dict) -> Path:
+    return Path(summary["run_dir"])
+
+
+def test_flow_trains_checkpoints_plots_and_survives_a_worker_failure(prefect_harness, ray_cluster, tmp_path,
+                                                                     monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    from pipelines.train import train_flow
+
+    root = tmp_path / "data"
+    write_train_shards(root / "train", num_shards=2, per_shard=16)
+    monkeypatch.setenv(TEST_FAIL_ONCE_ENV, "4")
+    config = config_dict(root, steps=6, checkpoint_every=3)
+    summary = train_flow(config)
+
+    run_dir = run_dir_of(summary)
+    assert summary["counts"] == {"steps": 6, "samples_seen": 6 * BATCH * WORKERS, "samples_read": 6 * BATCH * WORKERS}
+    assert summary["failures"] == {} and summary["last_run"]["processed"] == [summary["run"]]
+    # rank 1 raised at step 4; Ray restarted the workers from the step-3 checkpoint
+    assert (run_dir / TEST_FAILURE_MARKER).exists()
+    starts = read_json(str(run_dir / STARTS_FILE))
+    assert [s["step"] for s in starts] == [0, 3] and starts[1]["restored_from"]
+    assert [r["step"] for r in read_metrics(str(run_dir))] == [1, 2, 3, 4, 5, 6]
+    state = torch.load(Path(summary["checkpoint"]) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    assert state["step"] == 6 and state["data"]["samples_seen"] == 6 * BATCH * WORKERS
+    assert {"optimizer", "scheduler", "model"} <= set(state)
+    for group in ("losses", "log_vars", "weights"):
+        assert (run_dir / "plots" / f"{group}.png").stat().st_size > 1000
+    assert (root / "tokenizer" / "tokenizer.json").exists()
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"train-progress", "train-metrics", "train-report"} <= keys
+
+    again = train_flow(config)  # same config: the finished run is skipped, not redone
+    assert again["last_run"]["skipped"] == [summary["run"]] and again["counts"]["steps"] == 6
+
+
+def test_sigkill_of_the_driver_then_rerun_resumes(prefect_harness, ray_cluster, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    from pipelines.train import train_flow
+
+    root = tmp_path / "data"
+    write_train_shards(root / "train", num_shards=2, per_shard=16)
+    # The killed driver runs its own Ray; a separate temp dir keeps it apart from this module's.
+    config = config_dict(root, steps=10, checkpoint_every=3)
+    config["train"]["ray"]["temp_dir"] = os.path.join(tempfile.gettempdir(), "goldiclip-ray-killed")
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    log = open(tmp_path / "driver.log", "wb")
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", "--config", str(config_file)],
+                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    runs = root / "runs"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            run_dirs = list(runs.glob("goldiclip-*")) if runs.exists() else []
+            if run_dirs and latest_checkpoint_on_storage(str(run_dirs[0])):
+                break
+            time.sleep(0.5)
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        assert run_dirs, "no checkpoint before the deadline"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        log.close()
+    run_dir = run_dirs[0]
+    killed_at = torch.load(Path(latest_checkpoint_on_storage(str(run_dir))) / CHECKPOINT_FILE,
+                           weights_only=True)["step"]
+    assert 3 <= killed_at < 10
+    before = {r["step"]: r for r in read_metrics(str(run_dir))}
+
+    summary = train_flow(str(config_file))
+
+    assert run_dir_of(summary) == run_dir  # the same run name: resumed, not restarted
+    starts = read_json(str(run_dir / STARTS_FILE))
+    assert starts[-1]["step"] == killed_at and starts[-1]["restored_from"]
+    assert starts[-1]["samples_seen"] == killed_at * BATCH * WORKERS
+    assert summary["counts"]["steps"] == 10 and summary["counts"]["samples_seen"] == 10 * BATCH * WORKERS
+    rows = read_metrics(str(run_dir))
+    assert [r["step"] for r in rows] == list(range(1, 11))  # no restart from step 0, no duplicates
+    for step in range(1, killed_at + 1):  # the history up to the checkpoint is kept as it was
+        assert rows[step - 1]["loss/total"] == before[step]["loss/total"]
+    assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
