@@ -124,9 +124,8 @@ def parity_worker(rank: int, world_size: int, init_file: str, out_dir: str):
 
 def test_distributed_loss_and_gradients_match_one_process(tmp_path):
     world_size = 2
-    # fork: the children inherit the imported modules (importing transformers again costs seconds)
-    mp.start_processes(parity_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size,
-                       start_method="fork")
+    # spawn, not fork: forking a pytest process that may hold other libraries' threads can deadlock.
+    mp.spawn(parity_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size)
     single = run_retrieval(make_parity_inputs(2 * B), 0, 2 * B, 1)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
     # The mean over processes is the loss; each process's feature gradients are world_size x the
