@@ -45,7 +45,23 @@ def _serve_on_a_stable_port(source_dir: Path):
         server.__exit__(None, None, None)
 
 
-def demo_config(workdir: Path, source):
+def save_stand_in_models(models_dir: Path) -> dict[str, Path]:
+    """Tiny RANDOMLY initialised OWLv2 and Phi3 in the real checkpoint format (once).
+
+    They stand in for OWLv2 B/16 and Phi-3.5-mini, which cannot be downloaded
+    offline; the stages load them through the same ``from_pretrained`` path as
+    real weights. Their boxes and answers are meaningless.
+    """
+    from tasks.standin_models import save_tiny_owlv2, save_tiny_phi3
+
+    paths = {"owlv2": models_dir / "owlv2-tiny-random", "phi3": models_dir / "phi3-tiny-random"}
+    for name, save in (("owlv2", save_tiny_owlv2), ("phi3", save_tiny_phi3)):
+        if not (paths[name] / "config.json").exists():
+            save(paths[name])
+    return paths
+
+
+def demo_config(workdir: Path, source, models: dict[str, Path]):
     """The ``demo`` preset with every path inside ``workdir``."""
     return load_config(
         preset="demo",
@@ -53,6 +69,8 @@ def demo_config(workdir: Path, source):
             "dataset.root": str(workdir / "data"),
             "sources.0.paths": [str(source.url_list)],
             "captions.dreamlip_csvs": [str(p) for p in source.dreamlip_csvs],
+            "boxes.model": str(models["owlv2"]),
+            "vqa.model": str(models["phi3"]),
             # Held-out images (never in the URL list) with one caption each.
             "evaluate.datasets": [{"name": DEMO_EVAL_SET, "format": "jsonl", "path": str(source.eval_pairs)}],
         },
@@ -69,10 +87,13 @@ def run_demo(workdir: Path, *, num_images: int = 400) -> dict:
     source_dir = workdir / "source"
     typer.secho(f"[demo] generating {num_images} synthetic images in {source_dir}", bold=True)
     generate_demo_source(source_dir, num_images=num_images)
+    models = save_stand_in_models(workdir / "models")
+    typer.secho(f"[demo] boxes and vqa use tiny RANDOM stand-ins of OWLv2 and Phi-3.5 ({workdir / 'models'}): "
+                "their outputs exercise the pipeline but mean nothing", bold=True, fg="yellow")
     with _serve_on_a_stable_port(source_dir) as base_url:
         source = write_url_lists(source_dir, base_url)
         typer.secho(f"[demo] serving them at {base_url} (loopback; stopped when the demo ends)", bold=True)
-        config = demo_config(workdir, source)
+        config = demo_config(workdir, source, models)
         summaries = goldiclip_pipeline(config)
     typer.secho("\n[demo] per-stage counts (failures are counted and skipped, never fatal):", bold=True)
     print_summaries(summaries)
