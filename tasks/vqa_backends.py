@@ -132,9 +132,9 @@ class OpenAIBackend:
             gathered = asyncio.gather(*tasks)
             await asyncio.wait([gathered, abort], return_when=asyncio.FIRST_COMPLETED)
             if abort.done():
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                gathered.cancel()  # cancels every request; awaiting it retrieves the CancelledError
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gathered
                 raise VqaServerUnavailable(abort.result())
             return gathered.result()
 

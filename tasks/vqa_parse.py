@@ -7,8 +7,10 @@ without a grammar backend, truncated generations and in-process generation all
 produce imperfect text, so parsing tries, in order: the whole text as JSON, JSON
 inside a code fence or surrounded by prose, complete ``{"question": ..., "answer":
 ...}`` objects anywhere (which salvages truncated JSON), then ``Q:``/``A:`` or
-``Question:``/``Answer:`` lines. Pairs that are empty, over-long, or whose
-question does not end with "?" are dropped and counted.
+``Question:``/``Answer:`` lines. JSON is read leniently: vLLM's grammar backend
+(xgrammar) lets raw control characters into strings, which strict JSON forbids.
+Pairs that are empty, over-long, or whose question does not end with "?" are
+dropped and counted.
 """
 
 from __future__ import annotations
@@ -107,18 +109,26 @@ def _pairs_from_lines(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _json_string(body: str) -> str:
+    """The text of a JSON string literal's body; the body as it is when its escapes are invalid."""
+    try:
+        return json.loads(f'"{body}"', strict=False)
+    except json.JSONDecodeError:
+        return body
+
+
 def extract_pairs(text: str) -> list[tuple[str, str]] | None:
     """Raw (question, answer) pairs from model output, or None when nothing looks like one."""
     for candidate in _json_candidates(text):
         try:
-            pairs = _pairs_from_json(json.loads(candidate))
+            pairs = _pairs_from_json(json.loads(candidate, strict=False))
         except (json.JSONDecodeError, ValueError):
             continue
         if pairs:
             return pairs
     objects = _PAIR_OBJECT.findall(text)
     if objects:
-        return [(json.loads(f'"{q}"'), json.loads(f'"{a}"')) for q, a in objects]
+        return [(_json_string(q), _json_string(a)) for q, a in objects]
     return _pairs_from_lines(text) or None
 
 

@@ -40,6 +40,14 @@ def test_truncated_json_keeps_complete_pairs_only():
     assert parse_qa('{"qa": [{"question": "What colour', **LIMITS).error == "unparseable"
 
 
+def test_control_characters_and_bad_escapes_are_read_not_fatal():
+    # vLLM's xgrammar lets raw control characters into JSON strings (seen with `vllm serve`).
+    text = '{"qa":[{"question":"Is it\x03 red?","answer":"ye\x1bs"}]}'
+    assert parse_qa(text, **LIMITS).pairs == [{"question": "Is it\x03 red?", "answer": "ye\x1bs"}]
+    salvaged = parse_qa('{"qa":[{"question":"Is it\x03 red?","answer":"a \\q"}, {"question": "Wh', **LIMITS)
+    assert salvaged.pairs == [{"question": "Is it\x03 red?", "answer": "a \\q"}]
+
+
 def test_nothing_pair_like_is_unparseable():
     assert parse_qa("", **LIMITS).error == "unparseable"
     assert parse_qa("{qa: [{question: What?}", **LIMITS).error == "unparseable"
