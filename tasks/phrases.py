@@ -46,6 +46,9 @@ from tasks.stage import ShardOutcome, Stage
 # What noun_chunks needs: POS (tagger + attribute_ruler) and dependencies (parser).
 NOUN_CHUNK_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler", "parser")
 OPTIONAL_COMPONENTS = ("lemmatizer", "ner", "senter")
+# DreamLIP long captions are a few hundred words; a far longer one is broken data
+# (and spaCy refuses texts over nlp.max_length).
+MAX_CAPTION_CHARS = 20_000
 
 
 def pip_package(model: str) -> str:
@@ -110,6 +113,9 @@ class PhraseExtractor:
 
     def __call__(self, doc: Doc) -> list[Phrase]:
         out = []
+        sentence_of: list[str] = [""] * len(doc)  # token -> its sentence; Span.sent would rescan per chunk
+        for sent in doc.sents:
+            sentence_of[sent.start : sent.end] = [" ".join(sent.text.split())] * len(sent)
         for span in self._candidates(doc):
             if span.root.pos_ == "PRON" or self._is_generic(span.root) or span[0].lower_ == "no":
                 continue
@@ -126,7 +132,7 @@ class PhraseExtractor:
                 key = " ".join((t.lemma_ or t.lower_).lower() for t in tokens)
             else:
                 key = " ".join(t.lower_ for t in tokens)
-            out.append(Phrase(" ".join(tokens.text.split()), key, " ".join(span.sent.text.split())))
+            out.append(Phrase(" ".join(tokens.text.split()), key, sentence_of[span.start]))
         return out
 
 
@@ -172,6 +178,14 @@ class _WorkerPool:
                 cls._key = key
             return cls._pool
 
+    @classmethod
+    def discard(cls, pool: cf.ProcessPoolExecutor) -> None:
+        """Drop a broken pool (a worker died) so the next shard starts a fresh one."""
+        with cls._lock:
+            if cls._pool is pool:
+                cls._pool, cls._key = None, None
+        pool.shutdown(wait=False, cancel_futures=True)
+
 
 class PhraseParser:
     """Texts -> phrases, in this process (``n_process == 1``) or across a spawned pool."""
@@ -188,7 +202,11 @@ class PhraseParser:
         # A few slices per worker so a slow slice does not leave the others idle.
         size = max(self.cfg.batch_size, -(-len(texts) // (4 * self.cfg.n_process)))
         slices = [texts[i : i + size] for i in range(0, len(texts), size)]
-        return [phrases for part in pool.map(_parse_in_worker, slices) for phrases in part]
+        try:
+            return [phrases for part in pool.map(_parse_in_worker, slices) for phrases in part]
+        except cf.process.BrokenProcessPool:
+            _WorkerPool.discard(pool)
+            raise
 
 
 # --- the stage ------------------------------------------------------------------
@@ -245,11 +263,14 @@ class PhrasesStage(Stage):
         failures: Counter = Counter()
         jobs: list[tuple[int, str]] = []  # (row, field) of each text to parse
         texts: list[str] = []
+        too_long: set[int] = set()
         rows = captions.to_pylist()
         for i, row in enumerate(rows):
             for field in cfg.fields:
                 text = caption_text(row, field)
-                if text:
+                if len(text) > MAX_CAPTION_CHARS:
+                    too_long.add(i)
+                elif text:
                     jobs.append((i, field))
                     texts.append(text)
         counts["words"] = sum(len(t.split()) for t in texts)
@@ -262,7 +283,7 @@ class PhrasesStage(Stage):
         out = []
         for i, row in enumerate(rows):
             if i not in per_image:
-                failures["no_caption_text"] += 1
+                failures["caption_too_long" if i in too_long else "no_caption_text"] += 1
             elif not per_image[i]:
                 failures["no_phrases"] += 1
             else:

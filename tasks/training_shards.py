@@ -31,7 +31,10 @@ How samples are shuffled while each output stays its own idempotent unit:
 The price is reading: each output streams its window's tars (about
 ``shuffle_window`` input shards) and keeps only its own slice, so images are read
 roughly as many times as a window has outputs. A small window keeps that low;
-the training loader shuffles shards and samples on top (METHOD.md sec. 8).
+the training loader's shard and sample shuffles mix across windows on top.
+Stale temporaries of killed writers are removed when a run starts, and outputs
+numbered beyond a new, smaller plan are deleted (record first), so ``train/``
+only ever holds the current plan's complete tars.
 """
 
 from __future__ import annotations

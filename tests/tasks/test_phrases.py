@@ -98,7 +98,8 @@ def _tiny_root(root) -> DatasetLayout:
     shards = {
         "00000": [_captions_row("000000000", LLAVA), _captions_row("000000001", ""),
                   _captions_row("000000002", "It is what it is.")],
-        "00001": [_captions_row("000010000", "A cat sleeps on a red sofa.</s>", sv_long="A grey cat lies on the floor.")],
+        "00001": [_captions_row("000010000", "A cat sleeps on a red sofa.</s>", sv_long="A grey cat lies on the floor."),
+                  _captions_row("000010001", "A cat. " * 4000)],  # broken data: far beyond any real caption
     }
     for shard, rows in shards.items():
         write_table(layout.annotation("captions", shard), rows, "captions")
@@ -113,15 +114,15 @@ def test_stage_over_a_tiny_root_then_rerun_skips(tmp_path):
     )
     summary = run_stage(PhrasesStage(config))
     assert summary["num_shards_done"] == 2
-    assert summary["failures"] == {"no_caption_text": 1, "no_phrases": 1}
+    assert summary["failures"] == {"no_caption_text": 1, "no_phrases": 1, "caption_too_long": 1}
     counts = Counter(summary["counts"])
-    assert counts["images"] == 4 and counts["with_phrases"] == 2 and counts["words"] > 60
+    assert counts["images"] == 5 and counts["with_phrases"] == 2 and counts["words"] > 60
 
     rows = {r["key"]: r["phrases"] for r in read_table(layout.annotation("phrases", "00000")).to_pylist()}
     assert list(rows) == ["000000000"]
     assert rows["000000000"][0] == {"text": "red car", "field": "long.LLA",
                                     "sentence": "The image shows a red car parked next to his house."}
-    [cat] = read_table(layout.annotation("phrases", "00001")).to_pylist()
+    [cat] = read_table(layout.annotation("phrases", "00001")).to_pylist()  # the over-long caption is skipped
     assert [(p["text"], p["field"]) for p in cat["phrases"]] == [("cat", "long.LLA"), ("red sofa", "long.LLA"),
                                                                   ("grey cat", "long.SV"), ("floor", "long.SV")]
     assert counts["phrases"] == len(rows["000000000"]) + 4
