@@ -23,6 +23,11 @@ class VisionConfig:
     num_heads: int = 12
     mlp_dim: int = 3072
     activation: str = "gelu"
+    # Pixel normalisation, (x - mean) / std per RGB channel in [0, 1]: part of the model, so
+    # training and evaluation read the same values. CLIP's (the exported towers are CLIP
+    # checkpoints); a set far from natural-image statistics may need its own (the demo's).
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)

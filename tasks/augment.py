@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-# CLIP's normalisation (the exported towers are CLIP checkpoints; eval must use the same).
+# CLIP's normalisation, the default; a model's own is `VisionConfig.image_mean/image_std` (eval uses the same).
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -123,20 +124,20 @@ def color_jitter(image: Image.Image, rng: random.Random, brightness: float = 0.4
     return image
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> normalised float (3, H, W)."""
+def to_tensor(image: Image.Image, mean: Sequence[float] = IMAGE_MEAN,
+              std: Sequence[float] = IMAGE_STD) -> torch.Tensor:
+    """RGB PIL image -> normalised float (3, H, W): (x - mean) / std per channel, x in [0, 1]."""
     array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
     pixels = array.permute(2, 0, 1).float().div_(255)  # (3, H, W)
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
-    return pixels.sub_(mean).div_(std)
+    return pixels.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
 
 
 def crop_and_resize(image: Image.Image, crop: Box, size: int) -> Image.Image:
     return image.resize((size, size), Image.BICUBIC, box=crop)
 
 
-def dino_view(image: Image.Image, recipe: ViewRecipe, rng: random.Random) -> torch.Tensor:
+def dino_view(image: Image.Image, recipe: ViewRecipe, rng: random.Random, mean: Sequence[float] = IMAGE_MEAN,
+              std: Sequence[float] = IMAGE_STD) -> torch.Tensor:
     """One augmented view (3, size, size) of an RGB image."""
     crop = random_resized_crop_box(*image.size, rng, recipe.scale)
     view = crop_and_resize(image, crop, recipe.size)
@@ -150,17 +151,18 @@ def dino_view(image: Image.Image, recipe: ViewRecipe, rng: random.Random) -> tor
         view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
     if rng.random() < recipe.solarize:
         view = ImageOps.solarize(view, threshold=128)
-    return to_tensor(view)
+    return to_tensor(view, mean, std)
 
 
-def eval_view(image: Image.Image, size: int) -> torch.Tensor:
+def eval_view(image: Image.Image, size: int, mean: Sequence[float] = IMAGE_MEAN,
+              std: Sequence[float] = IMAGE_STD) -> torch.Tensor:
     """Evaluation view: resize the short side to `size`, centre crop, normalise (CLIP's)."""
     width, height = image.size
     scale = size / min(width, height)
     resized = image.convert("RGB").resize((max(size, round(width * scale)), max(size, round(height * scale))),
                                           Image.BICUBIC)
     left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return to_tensor(resized.crop((left, top, left + size, top + size)))
+    return to_tensor(resized.crop((left, top, left + size, top + size)), mean, std)
 
 
 __all__ = ["IMAGE_MEAN", "IMAGE_STD", "ViewRecipe", "color_jitter", "crop_and_resize", "dino_recipes", "dino_view",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,8 +174,10 @@ def read_eval_set(config: EvalDatasetConfig) -> RetrievalSet | ClassificationSet
     return READERS[config.format](config)
 
 
-def preprocess_image(data: bytes, image_size: int) -> torch.Tensor:
-    """JPEG/PNG bytes -> (3, S, S) float: short side resized to S (bicubic), centre crop, CLIP mean/std."""
+def preprocess_image(data: bytes, image_size: int, mean: Sequence[float] = CLIP_MEAN,
+                     std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """JPEG/PNG bytes -> (3, S, S) float: short side resized to S (bicubic), centre crop, then
+    (x - mean) / std: the model's normalisation (`VisionConfig.image_mean/image_std`, CLIP's by default)."""
     with Image.open(io.BytesIO(data)) as img:
         img = img.convert("RGB")
         width, height = img.size
@@ -184,17 +187,18 @@ def preprocess_image(data: bytes, image_size: int) -> torch.Tensor:
         left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
         img = img.crop((left, top, left + image_size, top + image_size))
         pixels = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
-    pixels = (pixels - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    pixels = (pixels - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, S, S)
 
 
-def load_image(path: str, image_size: int) -> torch.Tensor | str:
+def load_image(path: str, image_size: int, mean: Sequence[float] = CLIP_MEAN,
+               std: Sequence[float] = CLIP_STD) -> torch.Tensor | str:
     """The preprocessed image, or the reason it could not be read."""
     try:
         data = read_bytes(path)
     except (FileNotFoundError, IsADirectoryError):
         return "missing_image"
     try:
-        return preprocess_image(data, image_size)
+        return preprocess_image(data, image_size, mean, std)
     except (OSError, ValueError, Image.DecompressionBombError):
         return "decode_error"

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from storage import DatasetLayout, join, read_json, write_json
 from tasks.config import EvalDatasetConfig, EvaluateConfig, PipelineConfig, fingerprint
 from tasks.devices import resolve_device, resolve_dtype
-from tasks.eval_data import ClassificationSet, RetrievalSet, load_image, read_eval_set
+from tasks.eval_data import CLIP_MEAN, CLIP_STD, ClassificationSet, RetrievalSet, load_image, read_eval_set
 from tasks.retrieval_metrics import (
     chance_recalls,
     classification_accuracy,
@@ -89,6 +89,7 @@ class GoldiCLIPScorer:
         self.tokenizer, self._tokenize = tokenizer, tokenize
         self.device, self.dtype, self.attention_sink = device, dtype, attention_sink
         self.image_size = model.config.vision.image_size
+        self.image_mean, self.image_std = tuple(model.config.vision.image_mean), tuple(model.config.vision.image_std)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -243,8 +244,11 @@ def encode_image_set(scorer: Scorer, paths: list[str], *, batch_size: int, threa
     failures, kept, parts = Counter(), [], []
     batches = [range(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size)]
 
+    # The model's own pixel normalisation (training used it); CLIP's for scorers that name none.
+    mean, std = getattr(scorer, "image_mean", CLIP_MEAN), getattr(scorer, "image_std", CLIP_STD)
+
     def decode(batch):
-        return [(i, load_image(paths[i], scorer.image_size)) for i in batch]
+        return [(i, load_image(paths[i], scorer.image_size, mean, std)) for i in batch]
 
     with ThreadPoolExecutor(threads) as pool:
         for decoded in pool.map(decode, batches):

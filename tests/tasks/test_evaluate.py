@@ -347,3 +347,29 @@ def test_a_train_stage_checkpoint_loads_with_its_tokenizer(debug_checkpoint, tmp
     scorer = build_scorer(EvaluateConfig(), directory)
     assert torch.equal(scorer.model.pooling.query_proj.weight, model.pooling.query_proj.weight)
     assert scorer.tokenizer.eos_token_id == model.config.text.eos_token_id
+
+
+def test_images_are_normalised_with_the_scorer_s_statistics(tmp_path):
+    # A model trained with its own pixel mean/std (VisionConfig.image_mean/image_std) must be
+    # evaluated with the same; a scorer that names none gets CLIP's.
+    from tasks.evaluate import encode_image_set
+
+    path = tmp_path / "grey.png"
+    Image.new("RGB", (20, 20), (128, 128, 128)).save(path)
+
+    class Recorder:
+        image_size, device = 8, torch.device("cpu")
+
+        def encode_images(self, pixels):
+            self.pixels = pixels
+            return ImageFeatures(pixels.flatten(1)[:, :4], pixels.flatten(2).transpose(1, 2))
+
+    grey = torch.full((3,), 128 / 255)
+    plain = Recorder()
+    encode_image_set(plain, [str(path)], batch_size=4, threads=1)
+    assert torch.allclose(plain.pixels[0, :, 0, 0], (grey - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD))
+    own = Recorder()
+    own.image_mean, own.image_std = (0.9, 0.8, 0.7), (0.1, 0.2, 0.3)
+    encode_image_set(own, [str(path)], batch_size=4, threads=1)
+    expected = (grey - torch.tensor(own.image_mean)) / torch.tensor(own.image_std)
+    assert torch.allclose(own.pixels[0, :, 0, 0], expected, atol=1e-5)

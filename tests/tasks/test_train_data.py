@@ -157,3 +157,33 @@ def test_loader_processes_split_the_epoch(shards):
                          pin_memory=False)
     batches = list(loader)
     assert len(batches) == 3 and all(b["images"].shape[0] == 4 for b, _ in batches)
+
+
+def test_training_and_evaluation_normalise_pixels_with_the_model_s_statistics(tmp_path):
+    # The demo's near-white images need their own mean/std (pipelines/configs/demo.yaml): it is part
+    # of the model config, so every training view and the evaluation preprocessing must use it.
+    import io
+
+    from PIL import Image
+
+    from model import get_preset
+    from tasks.eval_data import preprocess_image
+
+    mean, std = (0.9, 0.8, 0.7), (0.1, 0.2, 0.3)
+    config = get_preset("debug", vision={"image_mean": mean, "image_std": std})
+    transform = SampleTransform.from_config(TRAIN, config)
+    assert transform.image_mean == mean and transform.image_std == std
+    grey = (128, 128, 128)
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), grey).save(buffer, format="PNG")
+    expected = (torch.tensor(grey) / 255 - torch.tensor(mean)) / torch.tensor(std)  # (3,)
+    raw = {"__key__": "k", "jpg": buffer.getvalue(), "json": b'{"captions": {"raw": "a grey square"}}'}
+    sample = transform(raw, random.Random(0))
+    assert torch.allclose(sample["image"], expected[:, None, None].expand_as(sample["image"]), atol=1e-5)
+    # DINO views: brightness jitter (+-40%) and solarize move a flat grey, but its red channel stays
+    # far below 0 with these statistics (with CLIP's it would sit near 0.07).
+    for views in (sample["global_views"], sample["local_views"]):
+        assert (views[:, 0] < -1.5).all()
+    pixels = preprocess_image(buffer.getvalue(), config.vision.image_size, config.vision.image_mean,
+                              config.vision.image_std)
+    assert torch.allclose(pixels, expected[:, None, None].expand_as(pixels), atol=1e-5)
