@@ -42,28 +42,30 @@ class DatasetConfig(Section):
 class SourceConfig(Section):
     """One URL list (METHOD.md sec. 7: CC3M, CC12M, YFCC15M; or a DreamLIP CSV as the list)."""
 
-    name: str = Field(pattern=r"^[a-z0-9_\-]+$")
-    format: Literal["cc3m", "cc12m", "yfcc15m", "dreamlip"]
+    name: str = Field(pattern=r"^[a-z0-9_\-]+$", description="Source name recorded with every URL.")
+    format: Literal["cc3m", "cc12m", "yfcc15m", "dreamlip"] = Field(
+        description="cc3m: caption<TAB>url TSV; cc12m: url<TAB>caption TSV; yfcc15m: CSV/parquet with a url "
+        "column; dreamlip: DreamLIP CSV (Image Path column)."
+    )
     paths: list[str] = Field(min_length=1, description="Files (local paths or fsspec URLs) in this format.")
     max_urls: int | None = Field(default=None, ge=1, description="Take only the first N URLs (smoke runs).")
 
 
 class DownloadConfig(Section):
-    NOT_IN_FINGERPRINT = frozenset({"processes", "concurrency", "parallel_shards"})
+    NOT_IN_FINGERPRINT = frozenset({"processes", "concurrency"})
 
     shard_size: int = Field(default=5000, ge=1, le=10_000, description="URLs per shard (keys hold 4 index digits).")
     processes: int = Field(default=2, ge=1, description="Download processes per machine.")
     concurrency: int = Field(default=64, ge=1, description="Concurrent requests per process.")
-    parallel_shards: int = Field(default=2, ge=1, description="Shards in flight at once (Prefect tasks).")
-    timeout_s: float = Field(default=20.0, gt=0)
+    timeout_s: float = Field(default=20.0, gt=0, description="Per-request timeout (connect to last byte).")
     retries: int = Field(default=3, ge=0, description="Retries on transient errors (timeouts, 429, 5xx).")
-    backoff_s: float = Field(default=0.5, ge=0)
+    backoff_s: float = Field(default=0.5, ge=0, description="First retry delay; doubles per retry, with jitter.")
     max_bytes: int = Field(default=20 * 2**20, ge=1024, description="Size cap of one downloaded file.")
-    max_redirects: int = Field(default=5, ge=0)
+    max_redirects: int = Field(default=5, ge=0, description="Redirect hops followed (each one re-checked).")
     short_side: int = Field(default=256, ge=16, description="Resize so the short side is this (never upsample).")
     min_side: int = Field(default=10, ge=1, description="Reject images whose short side is smaller.")
-    jpeg_quality: int = Field(default=90, ge=50, le=100)
-    user_agent: str = "goldiclip-pipeline/0.1 (+https://github.com/goldiclip-pipeline)"
+    jpeg_quality: int = Field(default=90, ge=50, le=100, description="Quality of the re-encoded JPEG.")
+    user_agent: str = Field(default="goldiclip-pipeline/0.1", description="User-Agent header sent with every request.")
     allow_private_addresses: bool = Field(
         default=False,
         description="Fetch URLs on loopback/private/link-local hosts. Only the demo and tests turn this on.",
@@ -401,9 +403,9 @@ class PipelineConfig(Section):
     boxes: BoxesConfig = BoxesConfig()
     vqa: VqaConfig = VqaConfig()
     phrases: PhrasesConfig = PhrasesConfig()
+    shards: ShardsConfig = ShardsConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
-    shards: ShardsConfig = ShardsConfig()
 
     @field_validator("sources")
     @classmethod
