@@ -301,6 +301,11 @@ class EvaluateConfig(Section):
         "agnostic top-k, re-ranked with conditioned scores. Classification is always agnostic.",
     )
     rerank_top_k: int = Field(default=10, ge=1, description="Candidates the rerank mode re-scores per query.")
+    resize_mode: Literal["center_crop", "squash"] = Field(
+        default="center_crop",
+        description="Eval images to the model's square input: center_crop (CLIP's) resizes the short side and "
+        "crops the centre; squash resizes the whole image, as a training view of (near-)full scale does.",
+    )
     attention_sink: bool | None = Field(default=None, description="Pooling's zero key; None: as in training.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         default="auto", description="Autocast dtype; auto: bfloat16 on an accelerator, float32 on the CPU."

@@ -35,6 +35,7 @@ from tasks.config import EvalDatasetConfig
 # CLIP's normalisation (open_clip OPENAI_DATASET_MEAN/STD), which the towers were trained with.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_MODES = ("center_crop", "squash")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -175,30 +176,39 @@ def read_eval_set(config: EvalDatasetConfig) -> RetrievalSet | ClassificationSet
 
 
 def preprocess_image(data: bytes, image_size: int, mean: Sequence[float] = CLIP_MEAN,
-                     std: Sequence[float] = CLIP_STD) -> torch.Tensor:
-    """JPEG/PNG bytes -> (3, S, S) float: short side resized to S (bicubic), centre crop, then
-    (x - mean) / std: the model's normalisation (`VisionConfig.image_mean/image_std`, CLIP's by default)."""
+                     std: Sequence[float] = CLIP_STD, resize_mode: str = "center_crop") -> torch.Tensor:
+    """JPEG/PNG bytes -> (3, S, S) float, then (x - mean) / std: the model's normalisation
+    (`VisionConfig.image_mean/image_std`, CLIP's by default).
+
+    resize_mode "center_crop" (CLIP's): short side resized to S (bicubic), centre crop;
+    "squash": the whole image resized to S x S (bicubic), aspect ratio not kept.
+    """
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, not {resize_mode!r}")
     with Image.open(io.BytesIO(data)) as img:
         img = img.convert("RGB")
-        width, height = img.size
-        scale = image_size / min(width, height)
-        new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-        img = img.crop((left, top, left + image_size, top + image_size))
+        if resize_mode == "squash":
+            img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        else:
+            width, height = img.size
+            scale = image_size / min(width, height)
+            new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
+            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+            left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+            img = img.crop((left, top, left + image_size, top + image_size))
         pixels = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
     pixels = (pixels - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, S, S)
 
 
 def load_image(path: str, image_size: int, mean: Sequence[float] = CLIP_MEAN,
-               std: Sequence[float] = CLIP_STD) -> torch.Tensor | str:
+               std: Sequence[float] = CLIP_STD, resize_mode: str = "center_crop") -> torch.Tensor | str:
     """The preprocessed image, or the reason it could not be read."""
     try:
         data = read_bytes(path)
     except (FileNotFoundError, IsADirectoryError):
         return "missing_image"
     try:
-        return preprocess_image(data, image_size, mean, std)
+        return preprocess_image(data, image_size, mean, std, resize_mode)
     except (OSError, ValueError, Image.DecompressionBombError):
         return "decode_error"

@@ -235,8 +235,8 @@ def build_scorer(config: EvaluateConfig, checkpoint: Path) -> GoldiCLIPScorer:
 # ---- encoding ---------------------------------------------------------------------------------
 
 
-def encode_image_set(scorer: Scorer, paths: list[str], *, batch_size: int, threads: int
-                     ) -> tuple[ImageFeatures, list[int], Counter]:
+def encode_image_set(scorer: Scorer, paths: list[str], *, batch_size: int, threads: int,
+                     resize_mode: str = "center_crop") -> tuple[ImageFeatures, list[int], Counter]:
     """Features of the readable images, their indices into `paths`, and failures by reason.
 
     Decoding runs on `threads` threads one batch ahead of the model.
@@ -248,7 +248,7 @@ def encode_image_set(scorer: Scorer, paths: list[str], *, batch_size: int, threa
     mean, std = getattr(scorer, "image_mean", CLIP_MEAN), getattr(scorer, "image_std", CLIP_STD)
 
     def decode(batch):
-        return [(i, load_image(paths[i], scorer.image_size, mean, std)) for i in batch]
+        return [(i, load_image(paths[i], scorer.image_size, mean, std, resize_mode)) for i in batch]
 
     with ThreadPoolExecutor(threads) as pool:
         for decoded in pool.map(decode, batches):
@@ -292,7 +292,7 @@ def evaluate_retrieval(scorer: Scorer, data: RetrievalSet, config: EvaluateConfi
                        ) -> tuple[dict[str, float], dict[str, int], Counter]:
     """Metrics (named ``<set>/<mode>/<direction>_R@k``), counts and failures of one retrieval set."""
     images, kept, failures = encode_image_set(scorer, data.image_paths, batch_size=config.image_batch_size,
-                                              threads=config.loader_threads)
+                                              threads=config.loader_threads, resize_mode=config.resize_mode)
     data = data.select_images(kept)
     failures += data.failures
     texts = encode_text_set(scorer, data.texts, batch_size=config.text_batch_size)
@@ -328,7 +328,7 @@ def rerank_recalls(scorer: Scorer, texts: torch.Tensor, images: ImageFeatures, a
 def evaluate_classification(scorer: Scorer, data: ClassificationSet, config: EvaluateConfig
                             ) -> tuple[dict[str, float], dict[str, int], Counter]:
     images, kept, failures = encode_image_set(scorer, data.image_paths, batch_size=config.image_batch_size,
-                                              threads=config.loader_threads)
+                                              threads=config.loader_threads, resize_mode=config.resize_mode)
     data = data.select_images(kept)
     failures += data.failures
     prompts = [t.format(name) for name in data.class_names for t in data.templates]

@@ -169,6 +169,42 @@ def test_preprocess_resizes_the_short_side_and_centre_crops(tmp_path):
     assert torch.allclose(pixels[:, :, 2:], white[:, None, None].expand(3, 16, 14), atol=0.05)
 
 
+def test_preprocess_squash_keeps_the_whole_image(tmp_path):
+    # resize_mode "squash" (EvaluateConfig.resize_mode) resizes the whole image to S x S, as a
+    # full-scale training crop does: the left stripe that centre-cropping drops stays, a quarter wide.
+    img = Image.new("RGB", (40, 20), (255, 255, 255))
+    img.paste((0, 0, 0), (0, 0, 10, 20))
+    path = tmp_path / "a.png"
+    img.save(path)
+    pixels = preprocess_image(path.read_bytes(), 16, resize_mode="squash")
+    assert pixels.shape == (3, 16, 16)
+    black = -torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)
+    white = (torch.ones(3) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert torch.allclose(pixels[:, :, :3], black[:, None, None].expand(3, 16, 3), atol=0.05)
+    assert torch.allclose(pixels[:, :, 5:], white[:, None, None].expand(3, 16, 11), atol=0.05)
+    with pytest.raises(ValueError, match="resize_mode"):
+        preprocess_image(path.read_bytes(), 16, resize_mode="pad")
+
+
+def test_evaluation_uses_the_configured_resize_mode(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 255, 255))
+    img.paste((0, 0, 0), (0, 0, 10, 20))  # a black stripe on the left quarter
+    img.save(tmp_path / "a.png")
+    data = RetrievalSet("toy", [str(tmp_path / "a.png")], ["a"], [0])
+
+    class Recorder(OneHotScorer):
+        def encode_images(self, pixels):
+            self.pixels = pixels
+            return super().encode_images(pixels)
+
+    assert EvaluateConfig().resize_mode == "center_crop"
+    crop, squash = Recorder(1, {"a": 0}), Recorder(1, {"a": 0})
+    evaluate_retrieval(crop, data, EvaluateConfig())
+    evaluate_retrieval(squash, data, EvaluateConfig(resize_mode="squash"))
+    assert crop.pixels[0, :, :, 0].min() > 1.0  # white: the stripe was cropped away
+    assert squash.pixels[0, :, :, 0].max() < -1.0  # black: the stripe is in the view
+
+
 def test_readers(tmp_path):
     _write_images(tmp_path / "coco", ["a.jpg", "b.jpg"])
     (tmp_path / "captions_val2017.json").write_text(json.dumps({
