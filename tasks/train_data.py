@@ -294,11 +294,18 @@ def _loader_process_init(_: int) -> None:
 
 
 def make_loader(dataset: TrainSamples, *, num_workers: int, prefetch_factor: int, pin_memory: bool) -> DataLoader:
-    """A DataLoader whose processes decode and augment; batches are already collated (batch_size=None)."""
+    """A DataLoader whose processes decode and augment; batches are already collated (batch_size=None).
+
+    The processes start by forkserver, not fork: the process that trains also runs threads
+    (Ray's core worker, Prefect's client, CUDA's), and a fork of a threaded process can
+    inherit a lock held by one of them and die or hang.
+    """
     return DataLoader(
         dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         worker_init_fn=_loader_process_init if num_workers > 0 else None,
+        multiprocessing_context="forkserver" if num_workers > 0 else None,
+        persistent_workers=num_workers > 0,
     )
 
 
