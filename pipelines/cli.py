@@ -57,7 +57,8 @@ def print_summaries(summaries: dict[str, dict]) -> None:
         if list_counts:
             typer.echo(f"  {'':<10} input files: " + ", ".join(f"{k}={v}" for k, v in sorted(list_counts.items())))
         if s.get("checkpoint"):
-            typer.echo(f"  {'':<10} checkpoint: {s['checkpoint']}  (plots: {s.get('run_dir', '')}/plots)")
+            plots = f"  (plots: {s['run_dir']}/plots)" if s.get("run_dir") else ""
+            typer.echo(f"  {'':<10} checkpoint: {s['checkpoint']}{plots}")
         if s.get("metrics"):
             from tasks.evaluate import describe_retrieval
 
