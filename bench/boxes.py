@@ -10,10 +10,14 @@ H100, was measured that way).
 
     python bench/boxes.py                                  # GPU: google/owlv2-base-patch16-ensemble
     python bench/boxes.py --write                          # also (re)write the "boxes" section of BENCHMARKS.md
+    python bench/boxes.py --random-weights --write         # GPU without the checkpoint: B/16 shapes, random weights
     python bench/boxes.py --tiny --device cpu --images 64  # smoke check anywhere: tiny random OWLv2, 64 px
 
-Only figures from the real model on a GPU belong in BENCHMARKS.md; ``--write``
-refuses anything else.
+Only figures from the B/16 architecture on a GPU belong in BENCHMARKS.md; ``--write``
+refuses anything else. ``--random-weights`` builds google/owlv2-base-patch16-ensemble's
+architecture from its config with random weights (the lent GPU machine cannot download
+the checkpoint): the same shapes and FLOPs, so the same speed; only the boxes kept
+differ, and the table says which weights ran.
 """
 
 from __future__ import annotations
@@ -32,12 +36,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import report  # noqa: E402  (bench/report.py)
 from storage import ShardWriter  # noqa: E402
 from tasks.boxes import OwlDetector, collate, decode_image, detect_shard  # noqa: E402
 from tasks.config import BoxesConfig  # noqa: E402
 
 OUT = REPO / "bench" / "out" / "boxes"
-SECTION = "## boxes"
 ANCHOR = "about 275 images/s model-only, OWLv2 B/16 bf16 at 960 px, 16 queries (issue 4, H100)"
 QUERIES = ["a dog", "a red car", "a person riding a bicycle", "green trees", "a wooden table", "a white cup",
            "a street sign", "a cat on a sofa", "blue sky with clouds", "a child", "a laptop computer",
@@ -69,6 +73,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="google/owlv2-base-patch16-ensemble")
     ap.add_argument("--tiny", action="store_true", help="Use a tiny random OWLv2 (64 px) saved under bench/out.")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="OWLv2 B/16 at 960 px built from its config with random weights (no download).")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     ap.add_argument("--images", type=int, default=2048, help="Images in the tar (at most 10,000).")
@@ -83,6 +89,10 @@ def main() -> None:
         from tasks.standin_models import save_tiny_owlv2
 
         model = str(save_tiny_owlv2(OUT / "owlv2-tiny"))
+    elif args.random_weights:
+        from tasks.standin_models import save_random_owlv2_base
+
+        model = str(save_random_owlv2_base(OUT / "owlv2-b16-random"))
     cfg = BoxesConfig(model=model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                       loader_threads=args.loader_threads, max_queries=args.queries)
     tar = make_tar(args.images)
@@ -120,37 +130,23 @@ def main() -> None:
     if args.write:
         if args.tiny or device.type == "cpu":
             raise SystemExit("--write records the real model on a GPU only; this was a smoke run")
-        write_section(args, model, detector, model_only, end_to_end)
+        weights = "random (B/16 architecture)" if args.random_weights else args.model
+        write_section(args, weights, detector, model_only, end_to_end)
 
 
-def write_section(args, model: str, detector: OwlDetector, model_only: float, end_to_end: float) -> None:
-    import datetime
-
+def write_section(args, weights: str, detector: OwlDetector, model_only: float, end_to_end: float) -> None:
     gpu = torch.cuda.get_device_name(detector.device)
-    path = REPO / "BENCHMARKS.md"
-    command = "python bench/boxes.py " + " ".join(sys.argv[1:])
     lines = [
-        SECTION, "",
+        "## boxes", "",
         f"`detect_shard` (the stage's loop: tar read, background decode + resize, tokenise, forward, best box "
         f"per query) on {args.images} 640x480 JPEGs, {args.queries} queries each, {detector.size} px. Anchor: "
         f"{ANCHOR}. Target: >= 250 images/s end to end.", "",
-        "| model | dtype | batch | loader threads | model-only images/s | end-to-end images/s | command | machine | date |",
+        "| weights | dtype | batch | loader threads | model-only images/s | end-to-end images/s | command | machine | date |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| {model} | {detector.dtype} | {args.batch_size} | {args.loader_threads} | {model_only:,.0f} | "
-        f"{end_to_end:,.0f} | `{command}` | {gpu}, {platform.node()} | {datetime.date.today()} |",
+        f"| {weights} | {detector.dtype} | {args.batch_size} | {args.loader_threads} | {model_only:,.0f} | "
+        f"{end_to_end:,.0f} | `{report.command_line()}` | {gpu}, {platform.node()} | {report.today()} |",
     ]
-    section = "\n".join(lines) + "\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(f"\n{SECTION}\n")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + (text[end:] if end != -1 else "")
-    tmp = path.with_suffix(".md.tmp-boxes")
-    tmp.write_text(text)
-    tmp.replace(path)
-    print(f"wrote the boxes section of {path}")
+    report.write_section("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -50,8 +50,9 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import report  # noqa: E402  (bench/report.py)
+
 OUT = REPO / "bench" / "out"
-MACHINE = "2-core CPU sandbox, no GPU"
 SHORT_SIDE = 256
 JPEG_QUALITY = 90
 # (width, height) of the generated photos and how often each occurs.
@@ -313,8 +314,6 @@ def run_ours(tsv: Path, concurrency: int, shard_size: int, expected: int, sizes:
 
 
 def write_section(rows: list[dict], args, anchor: dict, command: str, n: int) -> None:
-    path = REPO / "BENCHMARKS.md"
-    date = datetime.date.today().isoformat()
     lines = [
         "## download",
         "",
@@ -343,24 +342,9 @@ def write_section(rows: list[dict], args, anchor: dict, command: str, n: int) ->
         lines.append(
             f"| {r['tool']} | {r['settings']} | {r['rate']:,.0f} | {_rates(r)} | {r['seconds']:.1f} | {r['success']}/{n} | "
             f"{r['cpu_ms']:.1f} | "
-            f"{'yes' if r['ok'] else 'NO (%d wrong)' % r['wrong_size']} | `{command}` | {MACHINE} | {date} |"
+            f"{'yes' if r['ok'] else 'NO (%d wrong)' % r['wrong_size']} | `{command}` | {report.cpu_machine()} | {report.today()} |"
         )
-    section = "\n".join(lines) + "\n"
-    # Read-modify-write right here: other benchmarks add their own sections to this file.
-    text = path.read_text() if path.exists() else (
-        "# Benchmarks\n\nMeasured figures against the anchors in the issues; one section per "
-        "stage, each written by its script in `bench/`.\n"
-    )
-    start = text.find("\n## download\n")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + (text[end:] if end != -1 else "")
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    print(f"wrote the download section of {path}")
+    report.write_section("\n".join(lines))
 
 
 def main() -> None:

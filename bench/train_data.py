@@ -1,18 +1,23 @@
-"""Training data loader throughput: samples/s per CPU core with every augmentation on.
+"""Training data loader throughput: samples/s per CPU core, and with N loader processes, every augmentation on.
 
-Builds a few training shards of 256-px JPEGs in the shards stage's format, then runs the
-loader in one process (so the figure is per core) with the `debug` and `B/16` view sizes:
-the L_ret view, G = 2 global crops, L local crops, K captions tokenised, decoder samples.
-Prints a markdown table; `--write` appends it to BENCHMARKS.md under "Train data loader".
+Builds a few training shards of 340x256 JPEGs in the shards stage's format, then runs the
+trainer's own loader (``make_loader``: forkserver processes, prefetch) with the `debug` and
+`B/16` view sizes: the L_ret view, G = 2 global crops, L local crops, K captions tokenised,
+decoder samples. ``--loader-workers 0`` runs it in this process (the per-core figure);
+``--loader-workers 14`` is what one B/16 GPU worker gets on a 16-core GPU machine.
+``--step-json`` reads a `bench/train_step.py --out` report and says whether the loader
+keeps up with the full GoldiCLIP step (loader samples/s >= step images/s).
 
-    python bench/train_data.py [--samples 256] [--write]
+    python bench/train_data.py --samples 256 --write                      # CPU sandbox, per core
+    python bench/train_data.py --samples 2048 --loader-workers 0 14 \
+        --step-json bench/out/step.json --write                            # GPU machine
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -24,11 +29,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+import report  # noqa: E402  (bench/report.py)
 from model import get_preset  # noqa: E402
 from model.tokenizer import build_local_tokenizer  # noqa: E402
 from storage import ShardWriter, make_key  # noqa: E402
 from tasks.config import TrainConfig  # noqa: E402
-from tasks.train_data import SampleTransform, TrainSamples, iter_texts  # noqa: E402
+from tasks.train_data import SampleTransform, TrainSamples, iter_texts, make_loader  # noqa: E402
 from tests.train_fixtures import sample_record  # noqa: E402
 
 CASES = {
@@ -50,45 +56,79 @@ def write_shards(directory: Path, num_shards: int, per_shard: int) -> list[str]:
     return urls
 
 
-def measure(urls, tokenizer, preset: str, overrides: dict, samples: int, batch: int = 32) -> float:
+def measure(urls, tokenizer, preset: str, overrides: dict, samples: int, loader_workers: int,
+            batch: int = 32) -> float:
+    """Samples/s of the trainer's loader after its first batch (process start-up, buffer fill) is out."""
     train = TrainConfig(preset=preset, batch_size_per_worker=batch, **overrides)
     model_config = get_preset(preset)
     transform = SampleTransform.from_config(train, model_config)
-    num_batches = max(1, samples // batch)
+    # Every loader process yields one untimed batch first, then the timed ones.
+    num_batches = max(1, samples // batch) + max(1, loader_workers)
     dataset = TrainSamples(urls, transform, tokenizer, batch_size=batch,
-                           context_length=model_config.text.context_length, num_batches=num_batches + 1,
+                           context_length=model_config.text.context_length, num_batches=num_batches,
                            shuffle_buffer=64)
-    batches = iter(dataset)
-    next(batches)  # fill the shuffle buffer, warm PIL up
-    start = time.perf_counter()
-    for _ in range(num_batches):
+    batches = iter(make_loader(dataset, num_workers=loader_workers, prefetch_factor=2, pin_memory=False))
+    for _ in range(max(1, loader_workers)):
         next(batches)
-    return num_batches * batch / (time.perf_counter() - start)
+    start = time.perf_counter()
+    timed = 0
+    for _ in batches:
+        timed += 1
+    return timed * batch / (time.perf_counter() - start)
+
+
+def step_images_per_second(path: Path | None) -> float | None:
+    if path is None:
+        return None
+    results = json.loads(path.read_text())["results"]
+    return next(r["images_per_s"] for r in results if r["run"] == "goldiclip")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--write", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=256, help="timed samples per case")
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=[0],
+                        help="loader processes (0 = in this process, i.e. one core)")
+    parser.add_argument("--step-json", type=Path, default=None, help="bench/train_step.py --out report to compare with")
+    parser.add_argument("--write", action="store_true", help="(re)write the train data loader section of BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    step = step_images_per_second(args.step_json)
+    load_before = os.getloadavg()[0]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        urls = write_shards(Path(tmp), num_shards=2, per_shard=200)
+        shards = max(2, max(args.loader_workers))  # every loader process needs a shard of its own
+        urls = write_shards(Path(tmp), num_shards=shards, per_shard=max(64, 2 * args.samples // shards))
         tokenizer = build_local_tokenizer(iter_texts(urls), Path(tmp) / "tok", vocab_size=512, model_max_length=77)
-        rows = [(name, measure(urls, tokenizer, preset, overrides, args.samples))
-                for name, (preset, overrides) in CASES.items()]
-    load = os.getloadavg()[0]
-    lines = ["| views | samples/s per core |", "| --- | --- |"] + [f"| {n} | {v:.1f} |" for n, v in rows]
-    table = "\n".join(lines)
-    print(table)
+        for name, (preset, overrides) in CASES.items():
+            for workers in args.loader_workers:
+                rate = measure(urls, tokenizer, preset, overrides, args.samples, workers)
+                per_core = rate / max(1, workers)
+                rows.append((name, workers, rate, per_core))
+                print(f"{name:36s} loader processes {workers:>2}: {rate:8.1f} samples/s, {per_core:6.1f} per core",
+                      flush=True)
     if args.write:
-        text = (f"\n## Train data loader\n\n`python bench/train_data.py --samples {args.samples}` on "
-                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, one loader process "
-                f"(so per core), 340x256 JPEGs, every augmentation on (DINO crops, flip, jitter, grayscale, "
-                f"blur, solarize), captions sampled and tokenised, decoder samples built. Load average during "
-                f"the run: {load:.1f} (the machine was shared).\n\n{table}\n")
-        with open(REPO / "BENCHMARKS.md", "a") as f:
-            f.write(text)
+        write_section(rows, args, step, (load_before, os.getloadavg()[0]))
+
+
+def write_section(rows: list[tuple], args, step: float | None, load: tuple[float, float]) -> None:
+    compare = (f" The B/16 rows are compared with the full GoldiCLIP step on this machine's GPU from "
+               f"`{args.step_json}`: {step:,.0f} images/s." if step else "")
+    lines = [
+        "## train data loader", "",
+        "The trainer's loader (`make_loader`: forkserver processes, prefetch 2; 0 processes = in the "
+        "measuring process, i.e. one core) over 340x256 JPEGs in the shards stage's format, every augmentation "
+        "on (DINO crops, flip, jitter, grayscale, blur, solarize), captions sampled and tokenised, decoder "
+        f"samples built; the first batch of each process untimed. Load average {load[0]:.1f} before, "
+        f"{load[1]:.1f} after.{compare}", "",
+        "| views | loader processes | samples/s | samples/s per core | vs GoldiCLIP step | command | machine | date |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, workers, rate, per_core in rows:
+        versus = f"{rate / step:.2f}x" if step and name.startswith("B/16") else "-"
+        lines.append(f"| {name} | {workers} | {rate:,.1f} | {per_core:,.1f} | {versus} | `{report.command_line()}` "
+                     f"| {report.machine()} | {report.today()} |")
+    report.write_section("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -84,13 +84,16 @@ def synthetic_batch(config, args, device) -> dict[str, torch.Tensor]:
     B, K = args.batch, args.captions
     size, local, text = config.vision.image_size, config.vision.local_image_size, config.text
     special = {"vocab": text.vocab_size, "bos": text.bos_token_id, "eos": text.eos_token_id, "pad": text.pad_token_id}
+    def pixels(*shape):  # uint8, as the loader ships them (the model normalises on the device)
+        return torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+
     batch = {
-        "images": torch.randn(B, 3, size, size, device=device),
+        "images": pixels(B, 3, size, size),
         "caption_ids": random_text(B * K, text.context_length, device=device, **special).view(B, K, -1),
     }
     if config.distill.enabled:
-        batch["global_views"] = torch.randn(B, args.global_views, 3, size, size, device=device)
-        batch["local_views"] = torch.randn(B, args.local_views, 3, local, local, device=device)
+        batch["global_views"] = pixels(B, args.global_views, 3, size, size)
+        batch["local_views"] = pixels(B, args.local_views, 3, local, local)
     if config.decoder.enabled:
         M, S = B * len(TASKS), min(args.decoder_length, text.context_length)
         ids = random_text(M, S, device=device, min_length=S // 2, **special)

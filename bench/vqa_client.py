@@ -25,13 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import report  # noqa: E402  (bench/report.py)
 from tasks.config import VqaConfig  # noqa: E402
 from tasks.vqa_backends import OpenAIBackend, free_port  # noqa: E402
 from tasks.vqa_parse import build_messages, parse_qa  # noqa: E402
 
-MACHINE = "2-core CPU sandbox (no GPU)"
-DATE = "2026-11-23"
-SECTION = "## vqa client"
 
 
 def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -73,10 +71,9 @@ def measure(base_url: str, concurrency: int, requests: int, server_pid: int) -> 
             "client_ms": 1000 * client_cpu / requests, "server_ms": 1000 * server_cpu / requests}
 
 
-def write_section(rows: list[dict], latency: float, tokens: int, command: str, load: float) -> None:
-    path = REPO / "BENCHMARKS.md"
+def write_section(rows: list[dict], latency: float, tokens: int, load: float) -> None:
     lines = [
-        SECTION,
+        "## vqa client",
         "",
         f"`OpenAIBackend` (aiohttp, the stage's real request: paper prompt, JSON schema, max_tokens 500; answers "
         f"parsed) against `tests/openai_server.py` in its own process, which waits {latency * 1000:.0f} ms per "
@@ -96,23 +93,10 @@ def write_section(rows: list[dict], latency: float, tokens: int, command: str, l
         ideal = r["concurrency"] / latency
         lines.append(
             f"| {r['concurrency']} | {r['requests']} | {r['failed']} | {r['rps']:,.1f} | {ideal:,.0f} | "
-            f"{r['rps'] / ideal:.0%} | {r['tps']:,.0f} | {r['client_ms']:.2f} | {r['server_ms']:.2f} | `{command}` | {MACHINE} | {DATE} |"
+            f"{r['rps'] / ideal:.0%} | {r['tps']:,.0f} | {r['client_ms']:.2f} | {r['server_ms']:.2f} | "
+            f"`{report.command_line()}` | {report.cpu_machine()} | {report.today()} |"
         )
-    section = "\n".join(lines) + "\n"
-    text = path.read_text() if path.exists() else (
-        "# Benchmarks\n\nMeasured figures against the anchors in the issues; one section per "
-        "stage, each written by its script in `bench/`.\n"
-    )
-    start = text.find(f"\n{SECTION}\n")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + (text[end:] if end != -1 else "")
-    tmp = path.with_suffix(".md.tmp-vqa")
-    tmp.write_text(text)
-    tmp.replace(path)
-    print(f"wrote the {SECTION[3:]} section of {path}")
+    report.write_section("\n".join(lines))
 
 
 def main() -> None:
@@ -144,8 +128,7 @@ def main() -> None:
         server.terminate()
         server.wait(10)
     if args.write:
-        command = "python bench/vqa_client.py " + " ".join(sys.argv[1:])
-        write_section(rows, args.latency, args.tokens, command.strip(), load)
+        write_section(rows, args.latency, args.tokens, load)
 
 
 if __name__ == "__main__":

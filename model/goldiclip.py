@@ -4,12 +4,14 @@
 
 The training batch `forward` takes (B images on this process, K captions each):
 
-    images               float (B, 3, H, W)      the view scored by L_ret and read by the decoder;
+    images               uint8 (B, 3, H, W)      the view scored by L_ret and read by the decoder;
                                                  decoder boxes are relative to this view
     caption_ids          long  (B, K, T)         BOS caption EOS, right-padded (T <= context length);
                                                  no attention mask: the text encoder is causal
-    global_views         float (B, G, 3, H, W)   distillation only: G global crops (teacher + student)
-    local_views          float (B, L, 3, h, w)   distillation only: L local crops (student)
+    global_views         uint8 (B, G, 3, H, W)   distillation only: G global crops (teacher + student)
+    local_views          uint8 (B, L, 3, h, w)   distillation only: L local crops (student)
+                                                 (pixels 0-255, normalised on the device with the config's
+                                                 mean/std; float views are taken as already normalised)
     decoder_input_ids    long  (M, S)            decoder only, from `tasks.build_decoder_batch`:
     decoder_labels       long  (M, S)              BOS prompt target EOS; labels = next token on target
                                                    positions, -100 elsewhere;

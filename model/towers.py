@@ -53,9 +53,23 @@ class VisionTower(nn.Module):
         self.image_size = config.image_size
         self.vision_model = CLIPVisionModel(hf_vision_config(config))
         self.visual_projection = nn.Linear(config.width, embed_dim, bias=False)
+        # The model's pixel statistics on the 0-255 scale, for uint8 input (not saved: they come from the config).
+        self.register_buffer("pixel_mean", 255 * torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", 255 * torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (0-255) -> (x - mean) / std with the config's statistics; float input is taken as normalised.
+
+        The training loader ships uint8 views: a quarter of the bytes through pinned memory and
+        the host-to-device copy, and the normalisation runs here, on the device, fused by compile.
+        """
+        if pixels.dtype != torch.uint8:
+            return pixels
+        return (pixels.float() - self.pixel_mean) / self.pixel_std
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pixels (B, 3, H, W), any H = W multiple of the patch size -> v_g (B, D), V_loc (B, P, D)."""
+        """pixels (B, 3, H, W) uint8 or normalised float, any H = W multiple of the patch size -> v_g (B, D), V_loc (B, P, D)."""
+        pixels = self.normalize(pixels)
         resized = pixels.shape[-1] != self.image_size
         hidden = self.vision_model(pixel_values=pixels, interpolate_pos_encoding=resized).last_hidden_state
         tokens = self.visual_projection(self.vision_model.post_layernorm(hidden))  # (B, 1+P, W) -> (B, 1+P, D)

@@ -124,6 +124,11 @@ def color_jitter(image: Image.Image, rng: random.Random, brightness: float = 0.4
     return image
 
 
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, H, W), un-normalised: the model normalises on its device (`VisionTower.normalize`)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 def to_tensor(image: Image.Image, mean: Sequence[float] = IMAGE_MEAN,
               std: Sequence[float] = IMAGE_STD) -> torch.Tensor:
     """RGB PIL image -> normalised float (3, H, W): (x - mean) / std per channel, x in [0, 1]."""
@@ -136,9 +141,8 @@ def crop_and_resize(image: Image.Image, crop: Box, size: int) -> Image.Image:
     return image.resize((size, size), Image.BICUBIC, box=crop)
 
 
-def dino_view(image: Image.Image, recipe: ViewRecipe, rng: random.Random, mean: Sequence[float] = IMAGE_MEAN,
-              std: Sequence[float] = IMAGE_STD) -> torch.Tensor:
-    """One augmented view (3, size, size) of an RGB image."""
+def dino_view(image: Image.Image, recipe: ViewRecipe, rng: random.Random) -> torch.Tensor:
+    """One augmented view of an RGB image: uint8 (3, size, size)."""
     crop = random_resized_crop_box(*image.size, rng, recipe.scale)
     view = crop_and_resize(image, crop, recipe.size)
     if rng.random() < recipe.flip:
@@ -151,7 +155,7 @@ def dino_view(image: Image.Image, recipe: ViewRecipe, rng: random.Random, mean: 
         view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
     if rng.random() < recipe.solarize:
         view = ImageOps.solarize(view, threshold=128)
-    return to_tensor(view, mean, std)
+    return to_pixels(view)
 
 
 def eval_view(image: Image.Image, size: int, mean: Sequence[float] = IMAGE_MEAN,
@@ -166,4 +170,4 @@ def eval_view(image: Image.Image, size: int, mean: Sequence[float] = IMAGE_MEAN,
 
 
 __all__ = ["IMAGE_MEAN", "IMAGE_STD", "ViewRecipe", "color_jitter", "crop_and_resize", "dino_recipes", "dino_view",
-           "eval_view", "map_box", "random_resized_crop_box", "to_tensor"]
+           "eval_view", "map_box", "random_resized_crop_box", "to_pixels", "to_tensor"]

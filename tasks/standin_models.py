@@ -75,20 +75,48 @@ def build_clip_tokenizer(texts: Iterable[str] = (_CORPUS,), vocab_size: int = 10
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=16)
 
 
+# google/owlv2-base-patch16-ensemble's architecture (its config.json): ViT-B/16 at 960 px
+# and a 12-layer, 512-wide text tower reading 16-token queries.
+OWLV2_BASE_PATCH16 = {
+    "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+               "image_size": 960, "patch_size": 16},
+    "text": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8,
+             "max_position_embeddings": 16},
+    "projection_dim": 512,
+}
+
+
 def save_tiny_owlv2(out_dir: str | Path, *, image_size: int = 64, seed: int = 0) -> Path:
     """Save a tiny random OWLv2 (hidden 32, 2 layers, ``image_size`` px, patch 16) + processor to ``out_dir``."""
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    return _save_random_owlv2(out_dir, vision={**tower, "image_size": image_size, "patch_size": 16},
+                              text={**tower, "max_position_embeddings": 16}, projection_dim=32, seed=seed)
+
+
+def save_random_owlv2_base(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """OWLv2 B/16 at 960 px with random weights: the real model's shapes and FLOPs, for benchmarks only.
+
+    Speed does not depend on the weights, so ``bench/boxes.py --random-weights``
+    times the real architecture on a machine that cannot download the checkpoint.
+    """
+    note = ("B/16 at 960 px (google/owlv2-base-patch16-ensemble's architecture), randomly initialised for "
+            "bench/boxes.py; its outputs are meaningless")
+    return _save_random_owlv2(out_dir, **OWLV2_BASE_PATCH16, seed=seed, note=note)
+
+
+def _save_random_owlv2(out_dir: str | Path, *, vision: dict, text: dict, projection_dim: int, seed: int,
+                       note: str = STANDIN_NOTE) -> Path:
     import torch
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
     from transformers.models.owlv2 import Owlv2ImageProcessorPil
 
     out = Path(out_dir)
     tokenizer = build_clip_tokenizer()
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     config = Owlv2Config(
-        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 16,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": 0},
-        vision_config={**tower, "image_size": image_size, "patch_size": 16},
-        projection_dim=32,
+        text_config={**text, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": 0},
+        vision_config=vision,
+        projection_dim=projection_dim,
     )
     torch.manual_seed(seed)
     model = Owlv2ForObjectDetection(config).eval()
@@ -102,12 +130,13 @@ def save_tiny_owlv2(out_dir: str | Path, *, image_size: int = 64, seed: int = 0)
             head.weight.zero_()
         model.class_head.logit_shift.bias.fill_(-1.5)
         model.class_head.logit_scale.bias.zero_()
+    size = vision["image_size"]
     processor = Owlv2Processor(
-        image_processor=Owlv2ImageProcessorPil(size={"height": image_size, "width": image_size}), tokenizer=tokenizer
+        image_processor=Owlv2ImageProcessorPil(size={"height": size, "width": size}), tokenizer=tokenizer
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "README.md").write_text(f"OWLv2 {STANDIN_NOTE}.\n")
+    (out / "README.md").write_text(f"OWLv2 {note}.\n")
     return out
 
 

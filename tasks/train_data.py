@@ -10,6 +10,8 @@ Per sample (METHOD.md sec. 4, 5, 7):
 - `images`: the L_ret view, a random resized crop (area in `retrieval_crop_scale`, no flip:
   captions say left and right) at the preset's image size; decoder boxes are mapped into it.
 - `global_views` / `local_views`: DINO multi-crop (tasks/augment.py), only when distillation is on.
+- every view leaves as uint8 pixels; the model normalises them on its device with its own
+  mean/std (`VisionTower.normalize`), a quarter of the bytes and none of the float work here.
 - K captions by FLAIR diverse sampling (`diverse_captions`) over the sentences of all seven
   DreamLIP fields.
 - decoder annotations for CAP/REF/GRD/VQA; `model.tasks.build_decoder_batch` turns them into
@@ -45,8 +47,7 @@ from model.config import GoldiCLIPConfig
 from model.tasks import build_decoder_batch
 from model.tokenizer import tokenize
 from storage.fs import open_fs
-from tasks.augment import (IMAGE_MEAN, IMAGE_STD, crop_and_resize, dino_recipes, dino_view, map_box,
-                           random_resized_crop_box, to_tensor)
+from tasks.augment import crop_and_resize, dino_recipes, dino_view, map_box, random_resized_crop_box, to_pixels
 from tasks.config import TrainConfig
 
 CAPTION_FIELDS = ("raw", "short.IB", "short.SV", "short.LLA", "long.IB", "long.SV", "long.LLA")
@@ -124,8 +125,6 @@ class SampleTransform:
     retrieval_crop_scale: tuple[float, float] = (0.9, 1.0)
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
-    image_mean: tuple[float, ...] = IMAGE_MEAN  # the model's pixel normalisation (VisionConfig)
-    image_std: tuple[float, ...] = IMAGE_STD
 
     @classmethod
     def from_config(cls, train: TrainConfig, model: GoldiCLIPConfig) -> SampleTransform:
@@ -135,7 +134,6 @@ class SampleTransform:
             num_local_views=train.num_local_views, distill=model.distill.enabled,
             retrieval_crop_scale=tuple(train.retrieval_crop_scale), global_crop_scale=tuple(train.global_crop_scale),
             local_crop_scale=tuple(train.local_crop_scale),
-            image_mean=tuple(model.vision.image_mean), image_std=tuple(model.vision.image_std),
         )
 
     def __call__(self, raw: dict, rng: random.Random) -> dict:
@@ -157,8 +155,7 @@ class SampleTransform:
 
         crop = random_resized_crop_box(*image.size, rng, self.retrieval_crop_scale)
         sample = {
-            "image": to_tensor(crop_and_resize(image, crop, self.image_size), self.image_mean,
-                               self.image_std),  # (3, H, W)
+            "image": to_pixels(crop_and_resize(image, crop, self.image_size)),  # uint8 (3, H, W)
             "captions": diverse_captions(sentences, self.num_captions, rng),
             "annotation": decoder_annotation(meta, crop),
         }
@@ -166,11 +163,9 @@ class SampleTransform:
             global_recipes, local_recipes = dino_recipes(
                 self.image_size, self.local_image_size, self.num_global_views, self.num_local_views,
                 self.global_crop_scale, self.local_crop_scale)
-            sample["global_views"] = torch.stack([dino_view(image, r, rng, self.image_mean, self.image_std)
-                                                 for r in global_recipes])  # (G, 3, H, W)
+            sample["global_views"] = torch.stack([dino_view(image, r, rng) for r in global_recipes])  # (G, 3, H, W)
             if local_recipes:
-                sample["local_views"] = torch.stack([dino_view(image, r, rng, self.image_mean, self.image_std)
-                                                    for r in local_recipes])  # (L, 3, h, w)
+                sample["local_views"] = torch.stack([dino_view(image, r, rng) for r in local_recipes])  # (L, 3, h, w)
         return sample
 
 

@@ -47,7 +47,7 @@ def test_batch_is_what_forward_takes(shards):
     urls, tokenizer, config = shards
     batch, stats = next(iter(dataset(urls, tokenizer, config)))
     size, local = config.vision.image_size, config.vision.local_image_size
-    assert batch["images"].shape == (4, 3, size, size) and batch["images"].dtype == torch.float32
+    assert batch["images"].shape == (4, 3, size, size) and batch["images"].dtype == torch.uint8
     assert batch["caption_ids"].shape == (4, 3, config.text.context_length)
     assert batch["caption_ids"].dtype == torch.long
     assert batch["global_views"].shape == (4, 2, 3, size, size)
@@ -161,29 +161,35 @@ def test_loader_processes_split_the_epoch(shards):
 
 def test_training_and_evaluation_normalise_pixels_with_the_model_s_statistics(tmp_path):
     # The demo's near-white images need their own mean/std (pipelines/configs/demo.yaml): it is part
-    # of the model config, so every training view and the evaluation preprocessing must use it.
+    # of the model config. The loader ships raw uint8 views and the model normalises them on its
+    # device; evaluation normalises on the CPU. Both must give the same pixels.
     import io
 
     from PIL import Image
 
-    from model import get_preset
+    from model import GoldiCLIP, get_preset
     from tasks.eval_data import preprocess_image
 
     mean, std = (0.9, 0.8, 0.7), (0.1, 0.2, 0.3)
     config = get_preset("debug", vision={"image_mean": mean, "image_std": std})
     transform = SampleTransform.from_config(TRAIN, config)
-    assert transform.image_mean == mean and transform.image_std == std
     grey = (128, 128, 128)
     buffer = io.BytesIO()
     Image.new("RGB", (40, 30), grey).save(buffer, format="PNG")
     expected = (torch.tensor(grey) / 255 - torch.tensor(mean)) / torch.tensor(std)  # (3,)
     raw = {"__key__": "k", "jpg": buffer.getvalue(), "json": b'{"captions": {"raw": "a grey square"}}'}
     sample = transform(raw, random.Random(0))
-    assert torch.allclose(sample["image"], expected[:, None, None].expand_as(sample["image"]), atol=1e-5)
+    assert sample["image"].dtype == torch.uint8 and (sample["image"] == 128).all()
+    vision = GoldiCLIP(config).vision
+    normalised = vision.normalize(sample["image"][None])[0]
+    assert torch.allclose(normalised, expected[:, None, None].expand_as(normalised), atol=1e-5)
     # DINO views: brightness jitter (+-40%) and solarize move a flat grey, but its red channel stays
     # far below 0 with these statistics (with CLIP's it would sit near 0.07).
     for views in (sample["global_views"], sample["local_views"]):
-        assert (views[:, 0] < -1.5).all()
+        assert views.dtype == torch.uint8
+        assert (vision.normalize(views)[:, 0] < -1.5).all()
     pixels = preprocess_image(buffer.getvalue(), config.vision.image_size, config.vision.image_mean,
                               config.vision.image_std)
     assert torch.allclose(pixels, expected[:, None, None].expand_as(pixels), atol=1e-5)
+    # A float input is taken as already normalised: evaluation's pixels pass through unchanged.
+    assert torch.equal(vision.normalize(pixels[None]), pixels[None])
