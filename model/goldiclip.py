@@ -129,8 +129,11 @@ class GoldiCLIP(nn.Module):
         extra = {"loss/ret_tc": retrieval["ret_tc"].detach(), "loss/ret_ta": retrieval["ret_ta"].detach(),
                  "logit_scale": self.retrieval_loss.scale().detach(), "logit_bias": self.retrieval_loss.bias.detach()}
 
-        if self.config.decoder.enabled and "decoder_input_ids" in batch:
-            task_losses, present = self.decoder_losses(batch, image_global, image_patches)
+        if self.config.decoder.enabled:
+            if "decoder_input_ids" in batch:
+                task_losses, present = self.decoder_losses(batch, image_global, image_patches)
+            else:
+                task_losses, present = self.absent_decoder_losses(images.device)
             losses.update(task_losses)
         if self.config.distill.enabled:
             distill = self.distillation_losses(batch, conditioning, caption_ids, caption_index)
@@ -155,6 +158,13 @@ class GoldiCLIP(nn.Module):
         task_loss = sums / counts.clamp(min=1)  # (4,)
         return ({name: task_loss[i] for i, name in enumerate(TASKS)},
                 {name: counts[i] > 0 for i, name in enumerate(TASKS)})
+
+    def absent_decoder_losses(self, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """No decoder sample on this process: zero losses, marked absent, that still touch every decoder
+        parameter, so each gets a (zero) gradient and DDP runs without its unused-parameter search."""
+        touch = sum(p.sum() for p in self.decoder.parameters()) * 0.0
+        absent = torch.zeros((), dtype=torch.bool, device=device)
+        return {name: touch for name in TASKS}, {name: absent for name in TASKS}
 
     def distillation_losses(self, batch: dict[str, torch.Tensor], conditioning: torch.Tensor,
                             caption_ids: torch.Tensor, caption_index: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -351,7 +351,7 @@ class TrainConfig(Section):
 
     NOT_IN_FINGERPRINT = frozenset({
         "ray", "use_gpu", "resources_per_worker", "loader_workers", "prefetch_factor", "checkpoint_every",
-        "num_to_keep", "max_failures", "log_every",
+        "num_to_keep", "max_failures", "log_every", "compile",
     })
 
     preset: str = Field(default="B/16", description="Model preset (model/config.py PRESETS: debug, B/16).")
@@ -386,6 +386,7 @@ class TrainConfig(Section):
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Ray resources per worker, e.g. {CPU: 12, GPU: 1}."
     )
+    compile: bool = Field(default=True, description="torch.compile the model on GPU workers (CPU workers run eager).")
     loader_workers: int = Field(default=8, ge=0, description="DataLoader processes per Ray worker (decode + augment).")
     prefetch_factor: int = Field(default=4, ge=1, description="Batches each loader process keeps ready.")
     shuffle_buffer: int = Field(default=2000, ge=1, description="Samples in each loader process's shuffle buffer.")

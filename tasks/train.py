@@ -253,7 +253,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                               "errors": dict.fromkeys(ERROR_REASONS, 0), "samples_read": 0}
     assert data["step"] == step
 
-    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    # Every parameter gets a gradient each step (GoldiCLIP.absent_decoder_losses), so DDP needs no
+    # unused-parameter search; compiled on accelerators (DDPOptimizer splits the graph at buckets).
+    ddp = ray.train.torch.prepare_model(model)
+    forward = torch.compile(ddp) if train.compile and device.type == "cuda" else ddp
     optimizer = build_optimizer(model, train, device)
     scheduler = build_scheduler(optimizer, train)
     if state:
@@ -290,7 +293,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         local_read += stats.samples
         # -- forward + loss
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, metrics = ddp(batch)
+            loss, metrics = forward(batch)
         # -- backward, clip, optimiser step, EMA teacher
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

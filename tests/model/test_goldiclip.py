@@ -63,6 +63,23 @@ def test_absent_decoder_task_gets_no_term(debug_config, tokenizer):
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
+def test_no_decoder_sample_adds_no_term_but_every_parameter_gets_a_gradient(debug_config, tokenizer):
+    # A process whose batch has no decoder sample must still give every parameter a gradient:
+    # DDP then runs without find_unused_parameters (and under torch.compile).
+    torch.manual_seed(0)
+    model = GoldiCLIP(debug_config)
+    batch = {k: v for k, v in make_batch(debug_config, tokenizer).items() if not k.startswith("decoder_")}
+    loss, metrics = model(batch)
+    loss.backward()
+    expected = sum(metrics[f"weight/{n}"] * metrics[f"loss/{n}"] + 0.5 * metrics[f"log_var/{n}"] for n in ("ret", "sd"))
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert all(metrics[f"loss/{n}"] == 0 for n in ("cap", "ref", "grd", "vqa"))
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    assert all((p.grad == 0).all() for p in model.decoder.parameters())
+    assert all(model.weighting.log_vars[n].grad == 0 for n in ("cap", "ref", "grd", "vqa"))
+
+
 def test_score_matches_a_loop_over_pairs(debug_config, tokenizer):
     torch.manual_seed(0)
     model = GoldiCLIP(replace_config(debug_config, score_image_chunk_size=2)).eval()
