@@ -9,7 +9,7 @@ decoder samples. ``--loader-workers 0`` runs it in this process (the per-core fi
 keeps up with the full GoldiCLIP step (loader samples/s >= step images/s).
 
     python bench/train_data.py --samples 256 --write                      # CPU sandbox, per core
-    python bench/train_data.py --samples 2048 --loader-workers 0 14 \
+    python bench/train_data.py --samples 256 --loader-workers 0 14 --cases B/16 \
         --step-json bench/out/step.json --write                            # GPU machine
 """
 
@@ -37,9 +37,10 @@ from tasks.config import TrainConfig  # noqa: E402
 from tasks.train_data import SampleTransform, TrainSamples, iter_texts, make_loader  # noqa: E402
 from tests.train_fixtures import sample_record  # noqa: E402
 
+# preset -> (train overrides, what the views are)
 CASES = {
-    "debug (32 px + 2x32 + 2x16, K=4)": ("debug", dict(captions_per_image=4, num_local_views=2)),
-    "B/16 (224 px + 2x224 + 6x96, K=10)": ("B/16", dict(captions_per_image=10, num_local_views=6)),
+    "debug": (dict(captions_per_image=4, num_local_views=2), "debug (32 px + 2x32 + 2x16, K=4)"),
+    "B/16": (dict(captions_per_image=8, num_local_views=6), "B/16 (224 px + 2x224 + 6x96, K=8)"),
 }
 
 
@@ -62,8 +63,9 @@ def measure(urls, tokenizer, preset: str, overrides: dict, samples: int, loader_
     train = TrainConfig(preset=preset, batch_size_per_worker=batch, **overrides)
     model_config = get_preset(preset)
     transform = SampleTransform.from_config(train, model_config)
-    # Every loader process yields one untimed batch first, then the timed ones.
-    num_batches = max(1, samples // batch) + max(1, loader_workers)
+    # Every loader process yields one untimed batch first, then `samples` timed samples.
+    processes = max(1, loader_workers)
+    num_batches = processes * (max(1, samples // batch) + 1)
     dataset = TrainSamples(urls, transform, tokenizer, batch_size=batch,
                            context_length=model_config.text.context_length, num_batches=num_batches,
                            shuffle_buffer=64)
@@ -86,7 +88,8 @@ def step_images_per_second(path: Path | None) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=256, help="timed samples per case")
+    parser.add_argument("--samples", type=int, default=256, help="timed samples per loader process")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="presets to measure")
     parser.add_argument("--loader-workers", type=int, nargs="+", default=[0],
                         help="loader processes (0 = in this process, i.e. one core)")
     parser.add_argument("--step-json", type=Path, default=None, help="bench/train_step.py --out report to compare with")
@@ -98,9 +101,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         shards = max(2, max(args.loader_workers))  # every loader process needs a shard of its own
-        urls = write_shards(Path(tmp), num_shards=shards, per_shard=max(64, 2 * args.samples // shards))
+        urls = write_shards(Path(tmp), num_shards=shards, per_shard=max(64, args.samples))
         tokenizer = build_local_tokenizer(iter_texts(urls), Path(tmp) / "tok", vocab_size=512, model_max_length=77)
-        for name, (preset, overrides) in CASES.items():
+        for preset in args.cases:
+            overrides, name = CASES[preset]
             for workers in args.loader_workers:
                 rate = measure(urls, tokenizer, preset, overrides, args.samples, workers)
                 per_core = rate / max(1, workers)
@@ -113,7 +117,8 @@ def main() -> None:
 
 def write_section(rows: list[tuple], args, step: float | None, load: tuple[float, float]) -> None:
     compare = (f" The B/16 rows are compared with the full GoldiCLIP step on this machine's GPU from "
-               f"`{args.step_json}`: {step:,.0f} images/s." if step else "")
+               f"`{args.step_json}`: {step:,.0f} images/s." if step else
+               " No GPU step in this run: the comparison with the B/16 step is `bench/gpu/run.sh job`'s.")
     lines = [
         "## train data loader", "",
         "The trainer's loader (`make_loader`: forkserver processes, prefetch 2; 0 processes = in the "

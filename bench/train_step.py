@@ -11,11 +11,16 @@ MFU = (FLOPs of one step counted by torch.utils.flop_counter.FlopCounterMode, ea
 included) / step time / peak bf16 matmul FLOP/s measured in this run. `--parity` first runs one
 forward+backward in fp32 and in bf16 on the same batch and reports every loss of both.
 
-    python bench/train_step.py --preset B/16 --batch 128 --captions 8 --compile --out bench/out/step.json
+    python bench/train_step.py --preset B/16 --batch 128 --captions 8 --compile --parity \
+        --out bench/out/step.json --write                                                 # GPU, ~4 min
     python bench/train_step.py --preset debug --device cpu --batch 4 --captions 2 --steps 2   # smoke
+
+A run that does not fit the GPU's memory is retried at half the batch (said in the output and
+the table), so one call always comes back with figures.
 """
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -26,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import report  # noqa: E402  (bench/report.py)
 from model import IGNORE_INDEX, TASKS, GoldiCLIP, get_preset, replace_config  # noqa: E402
 
 
@@ -47,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-matmul-size", type=int, default=None, help="default 8192 on GPU, 512 on CPU")
     parser.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
+    parser.add_argument("--write", action="store_true", help="(re)write the train step section of BENCHMARKS.md (GPU)")
     return parser.parse_args()
 
 
@@ -176,6 +183,7 @@ def measure(name: str, step, args, device, peak_flops: float) -> dict:
     seconds = (time.perf_counter() - start) / args.steps
     result = {
         "run": name,
+        "batch": args.batch,
         "images_per_s": args.batch / seconds,
         "step_s": seconds,
         "tflops_per_step": flops / 1e12,
@@ -211,6 +219,32 @@ def bf16_parity(config, args, device) -> dict:
     return result
 
 
+def timed(name: str, make_step, args, device, peak_flops: float) -> dict:
+    """Build a step, measure it, then free it (compiled graphs and cached blocks too) for the next run."""
+    step = make_step(args)
+    try:
+        return measure(name, step, args, device, peak_flops)
+    finally:
+        del step
+        gc.collect()
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def halving_on_oom(run, args, what: str):
+    """`run(args)`, retried at half the batch while the GPU runs out of memory."""
+    while True:
+        try:
+            return run(args)
+        except torch.OutOfMemoryError:
+            if args.batch <= 8:
+                raise
+            torch.cuda.empty_cache()
+            args.batch //= 2
+            print(f"{what}: out of memory, retrying at batch {args.batch}", flush=True)
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
@@ -220,31 +254,81 @@ def main() -> None:
 
     config = get_preset(args.preset, distill={"enabled": not args.no_distill},
                         decoder={"enabled": not args.no_decoder})
-    parity = bf16_parity(config, args, device) if args.parity else None  # in true fp32: before TF32 is on
+    requested_batch = args.batch
+    parity = None
+    if args.parity:  # in true fp32: before TF32 is on
+        parity_args = argparse.Namespace(**vars(args))
+        parity = halving_on_oom(lambda a: bf16_parity(config, a, device), parity_args, "bf16 parity")
+        parity["batch"] = parity_args.batch
     torch.backends.cuda.matmul.allow_tf32 = True
-    results = [measure("goldiclip", GoldiCLIPStep(config, args, device), args, device, peak_flops)]
+    results = [halving_on_oom(
+        lambda a: timed("goldiclip", lambda b: GoldiCLIPStep(config, b, device), a, device, peak_flops),
+        args, "goldiclip")]
     if not args.no_anchors:
         core = replace_config(config, distill={"enabled": False}, decoder={"enabled": False})
-        results.append(measure("goldiclip-ret", GoldiCLIPStep(core, args, device), args, device, peak_flops))
+        results.append(timed("goldiclip-ret", lambda b: GoldiCLIPStep(core, b, device), args, device, peak_flops))
         try:
             import open_clip
         except Exception as error:  # an absent package, or a broken torchvision beneath it
             print(f"open_clip anchor skipped: cannot import open_clip ({type(error).__name__}: {error})")
         else:
-            results.append(measure("open_clip-ViT-B-16", OpenCLIPStep(open_clip, args, device), args, device,
-                                   peak_flops))
+            make = lambda b: OpenCLIPStep(open_clip, b, device)  # noqa: E731
+            results.append(timed("open_clip-ViT-B-16", make, args, device, peak_flops))
+            if args.batch < 256:  # the issue's anchor figure is at batch 256
+                big = argparse.Namespace(**{**vars(args), "batch": 256})
+                results.append(timed("open_clip-ViT-B-16", make, big, device, peak_flops))
 
-    report = {
+    report_json = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "requested_batch": requested_batch,
         "peak_tflops": peak_flops / 1e12,
         "results": results,
         "bf16_parity": parity,
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+        args.out.write_text(json.dumps(report_json, indent=2))
+    if args.write:
+        if device.type != "cuda":
+            raise SystemExit("--write records GPU runs only")
+        write_section(report_json)
+
+
+def write_section(run: dict) -> None:
+    args = run["args"]
+    lines = [
+        "## train step", "",
+        f"`bench/train_step.py`: one training step on synthetic device-resident batches (uint8 views, as the "
+        f"loader ships them), preset {args['preset']}, K = {args['captions']} captions, {args['global_views']} global + "
+        f"{args['local_views']} local views, one decoder sample per task per image ({args['decoder_length']} tokens), "
+        f"bf16 autocast, fused AdamW, torch.compile {'on' if args['compile'] else 'off'}; {args['warmup']} untimed "
+        f"then {args['steps']} timed steps. MFU = FLOPs of one step (FlopCounterMode, eager) / step time / the "
+        f"bf16 matmul peak measured in the same run ({run['peak_tflops']:.0f} TFLOP/s). Anchors in the same run: "
+        "the model with distillation and decoder off (goldiclip-ret) and open_clip's ViT-B-16 CLIP step "
+        "(issue 3: about 1,730 images/s at batch 256, MFU 0.27-0.29 on this H100). Target for the full step: "
+        "MFU >= 0.30.", "",
+        "| run | batch | images/s | step ms | TFLOP/step | MFU | peak memory GiB | command | machine | date |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in run["results"]:
+        lines.append(f"| {r['run']} | {r['batch']} | {r['images_per_s']:,.0f} | {1000 * r['step_s']:.0f} | "
+                     f"{r['tflops_per_step']:.2f} | {r['mfu']:.2f} | {r['peak_memory_gib']:.1f} | "
+                     f"`{report.command_line()}` | {report.machine()} | {report.today()} |")
+    if run["requested_batch"] != args["batch"]:
+        lines += ["", f"Batch {run['requested_batch']} did not fit; the runs above are at batch {args['batch']}."]
+    parity = run["bf16_parity"]
+    if parity:
+        worst = max(parity["relative_difference"], key=parity["relative_difference"].get)
+        lines += ["", f"bf16 autocast vs fp32, one forward + backward on the same batch of {parity['batch']} "
+                      f"(same weights, negatives and centers): every loss finite: {parity['all_finite']}; largest "
+                      f"relative difference {parity['max_relative_difference']:.2e} ({worst}).", "",
+                  "| loss | fp32 | bf16 | relative difference |", "| --- | --- | --- | --- |"]
+        for name, value in parity["fp32"].items():
+            lines.append(f"| {name} | {value:.4f} | {parity['bf16'][name]:.4f} | "
+                         f"{parity['relative_difference'][name]:.1e} |")
+    report.write_section("\n".join(lines))
 
 
 if __name__ == "__main__":

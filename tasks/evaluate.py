@@ -288,13 +288,18 @@ def pair_scores(scorer: Scorer, texts: torch.Tensor, images: ImageFeatures, pair
 # ---- evaluation -------------------------------------------------------------------------------
 
 
-def evaluate_retrieval(scorer: Scorer, data: RetrievalSet, config: EvaluateConfig
-                       ) -> tuple[dict[str, float], dict[str, int], Counter]:
-    """Metrics (named ``<set>/<mode>/<direction>_R@k``), counts and failures of one retrieval set."""
+def encode_readable_images(scorer: Scorer, data, config: EvaluateConfig):
+    """(features of the readable images, the set narrowed to them, every failure so far) of a dataset."""
     images, kept, failures = encode_image_set(scorer, data.image_paths, batch_size=config.image_batch_size,
                                               threads=config.loader_threads, resize_mode=config.resize_mode)
     data = data.select_images(kept)
-    failures += data.failures
+    return images, data, failures + data.failures
+
+
+def evaluate_retrieval(scorer: Scorer, data: RetrievalSet, config: EvaluateConfig
+                       ) -> tuple[dict[str, float], dict[str, int], Counter]:
+    """Metrics (named ``<set>/<mode>/<direction>_R@k``), counts and failures of one retrieval set."""
+    images, data, failures = encode_readable_images(scorer, data, config)
     texts = encode_text_set(scorer, data.texts, batch_size=config.text_batch_size)
     text_image = torch.tensor(data.text_image, device=texts.device)
 
@@ -327,10 +332,7 @@ def rerank_recalls(scorer: Scorer, texts: torch.Tensor, images: ImageFeatures, a
 
 def evaluate_classification(scorer: Scorer, data: ClassificationSet, config: EvaluateConfig
                             ) -> tuple[dict[str, float], dict[str, int], Counter]:
-    images, kept, failures = encode_image_set(scorer, data.image_paths, batch_size=config.image_batch_size,
-                                              threads=config.loader_threads, resize_mode=config.resize_mode)
-    data = data.select_images(kept)
-    failures += data.failures
+    images, data, failures = encode_readable_images(scorer, data, config)
     prompts = [t.format(name) for name in data.class_names for t in data.templates]
     embeddings = F.normalize(encode_text_set(scorer, prompts, batch_size=config.text_batch_size).float(), dim=-1)
     classes = embeddings.view(len(data.class_names), len(data.templates), -1).mean(1)  # (C, D)

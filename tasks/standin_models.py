@@ -63,16 +63,24 @@ def build_clip_tokenizer(texts: Iterable[str] = (_CORPUS,), vocab_size: int = 10
     laid out as CLIP's is (256 bytes, 256 bytes + ``</w>``, merges, then the two
     special tokens) so both hold.
     """
+    merges = _merges(_byte_level_bpe_merges(texts, vocab_size, clip_style=True))
+    return clip_tokenizer_from_merges(merges, pad_token="!", model_max_length=16)
+
+
+def clip_tokenizer_from_merges(merges: list[tuple[str, str]], *, pad_token: str, model_max_length: int):
+    """A ``CLIPTokenizer`` whose vocabulary is laid out as OpenAI's: the 256 byte characters, the
+    same with ``</w>``, one token per merge in order, then <|startoftext|> and <|endoftext|>.
+    With OpenAI's merge list this is CLIP's own tokenizer, id for id (bench/clip_tokenizer.py)."""
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    merges = _merges(_byte_level_bpe_merges(texts, vocab_size, clip_style=True))
     byte_chars = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for token in [*byte_chars, *(c + "</w>" for c in byte_chars), *("".join(m) for m in merges),
                   "<|startoftext|>", "<|endoftext|>"]:
         vocab.setdefault(token, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=16)
+    # transformers 5: vocab and merges as objects (file arguments are ignored; ../shared/ENVIRONMENT.md).
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=model_max_length)
 
 
 # google/owlv2-base-patch16-ensemble's architecture (its config.json): ViT-B/16 at 960 px
