@@ -42,7 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--captions", type=int, default=8, help="captions per image (K)")
     parser.add_argument("--global-views", type=int, default=2)
     parser.add_argument("--local-views", type=int, default=6)
-    parser.add_argument("--decoder-length", type=int, default=40, help="tokens per decoder sequence")
+    parser.add_argument("--decoder-length", type=int, default=48,
+                        help="tokens per decoder sequence (the loader pads to multiples of 16)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--compile", action="store_true")

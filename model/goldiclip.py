@@ -17,7 +17,8 @@ The training batch `forward` takes (B images on this process, K captions each):
                                                    positions, -100 elsewhere;
     decoder_image_index  long  (M,)                the row of `images` each sample describes;
     decoder_task         long  (M,)                index into `tasks.TASKS` (cap, ref, grd, vqa).
-                                                 Leave the four keys out when M = 0.
+                                                 Leave the four keys out when M = 0. Rows without
+                                                 a target label are padding: no loss, no count.
 
 `forward` returns (total loss, metrics): detached scalar tensors named `loss/<name>`,
 `log_var/<name>`, `weight/<name>` (see `weighting.py`) plus the retrieval and distillation
@@ -152,9 +153,10 @@ class GoldiCLIP(nn.Module):
         hidden = self.decoder(token_states, visual[batch["decoder_image_index"]])  # (M, S, W_text)
         nll = token_nll(hidden=hidden, weight=self.decoder.head_weight(self.text.token_embedding), labels=labels,
                         chunk_size=self.config.decoder.token_chunk_size)  # (M, S)
-        per_sample = nll.sum(1) / (labels != IGNORE_INDEX).sum(1).clamp(min=1)  # (M,)
+        targets = (labels != IGNORE_INDEX).sum(1)  # (M,); 0 for a padding row (static_rows)
+        per_sample = nll.sum(1) / targets.clamp(min=1)  # (M,)
         sums = per_sample.new_zeros(len(TASKS)).index_add(0, task, per_sample)  # (4,)
-        counts = per_sample.new_zeros(len(TASKS)).index_add(0, task, torch.ones_like(per_sample))  # (4,)
+        counts = per_sample.new_zeros(len(TASKS)).index_add(0, task, (targets > 0).to(per_sample.dtype))  # (4,)
         task_loss = sums / counts.clamp(min=1)  # (4,)
         return ({name: task_loss[i] for i, name in enumerate(TASKS)},
                 {name: counts[i] > 0 for i, name in enumerate(TASKS)})

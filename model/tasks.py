@@ -65,12 +65,19 @@ def encode_prompt_and_target(tokenizer, prompt: str, target: str, max_length: in
 
 
 def build_decoder_batch(annotations: Sequence[dict], tokenizer, *, max_length: int, rng: random.Random,
-                        tasks: Sequence[str] = TASKS, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+                        tasks: Sequence[str] = TASKS, pad_to: int | None = None, length_multiple: int = 1,
+                        static_rows: bool = False) -> dict[str, torch.Tensor]:
     """Decoder tensors for a batch of images (see `model.goldiclip` for the batch format).
 
-    Sequences are right-padded to the longest one (or to `pad_to`). labels[m, t] is the token
-    position t must predict, input_ids[m, t + 1], where that token is part of the target
-    (target tokens and the closing EOS); every prompt and padding position holds IGNORE_INDEX.
+    Sequences are right-padded to the longest one rounded up to `length_multiple` (at most
+    `max_length`), or to `pad_to`. labels[m, t] is the token position t must predict,
+    input_ids[m, t + 1], where that token is part of the target (target tokens and the
+    closing EOS); every prompt and padding position holds IGNORE_INDEX.
+
+    `static_rows` pads the samples to one row per (image, task), len(annotations) * len(tasks),
+    with all-padding rows (no target: they carry no loss and count for no task). With it and a
+    `length_multiple`, a training run sees a handful of shapes, so torch.compile builds a
+    handful of graphs instead of one per batch.
     """
     sequences, prompt_lengths, image_index, task_index = [], [], [], []
     for image, annotation in enumerate(annotations):
@@ -83,9 +90,13 @@ def build_decoder_batch(annotations: Sequence[dict], tokenizer, *, max_length: i
             prompt_lengths.append(prompt_length)
             image_index.append(image)
             task_index.append(TASKS.index(task))
-    length = pad_to or max((len(s) for s in sequences), default=1)
-    input_ids = torch.full((len(sequences), length), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+    longest = max((len(s) for s in sequences), default=1)
+    length = pad_to or min(max_length, -(-longest // length_multiple) * length_multiple)
+    rows = len(annotations) * len(tasks) if static_rows else len(sequences)
+    image_index += [0] * (rows - len(sequences))
+    task_index += [0] * (rows - len(sequences))
+    input_ids = torch.full((rows, length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)
     for row, (ids, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
         input_ids[row, :len(ids)] = torch.tensor(ids)
         # Position t predicts token t + 1: the last prompt position predicts the first target token.

@@ -44,12 +44,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from model.config import GoldiCLIPConfig
-from model.tasks import build_decoder_batch
+from model.tasks import IGNORE_INDEX, build_decoder_batch
 from model.tokenizer import tokenize
 from storage.fs import open_fs
 from tasks.augment import crop_and_resize, dino_recipes, dino_view, map_box, random_resized_crop_box, to_pixels
 from tasks.config import TrainConfig
 
+# Decoder sequences are padded to a multiple of this: a few shapes in a run, so a few compiled graphs.
+DECODER_LENGTH_MULTIPLE = 16
 CAPTION_FIELDS = ("raw", "short.IB", "short.SV", "short.LLA", "long.IB", "long.SV", "long.LLA")
 _SENTENCE_SPLIT = re.compile(r"\n|</s>|\.")
 
@@ -192,8 +194,10 @@ def collate(samples: Sequence[dict], tokenizer, *, context_length: int, rng: ran
         batch["global_views"] = torch.stack([s["global_views"] for s in samples])  # (B, G, 3, H, W)
     if "local_views" in samples[0]:
         batch["local_views"] = torch.stack([s["local_views"] for s in samples])  # (B, L, 3, h, w)
-    decoder = build_decoder_batch([s["annotation"] for s in samples], tokenizer, max_length=context_length, rng=rng)
-    if decoder["decoder_task"].numel():
+    # Static shapes for torch.compile: one row per (image, task) and lengths in steps of 16.
+    decoder = build_decoder_batch([s["annotation"] for s in samples], tokenizer, max_length=context_length, rng=rng,
+                                  length_multiple=DECODER_LENGTH_MULTIPLE, static_rows=True)
+    if (decoder["decoder_labels"] != IGNORE_INDEX).any():  # else the model's no-decoder-sample path
         batch.update(decoder)
     return batch
 

@@ -122,3 +122,59 @@ def test_decoder_widths_project_when_they_differ():
     out = decoder(torch.randn(2, 5, 24), torch.randn(2, 7, 20))
     assert out.shape == (2, 5, 24)
     assert decoder.head_weight(torch.nn.Embedding(30, 24)).shape == (30, 24)
+
+
+def _static_decoder_batch(config, tokenizer, annotations, seed):
+    from .helpers import make_batch
+
+    batch = {k: v for k, v in make_batch(config, tokenizer, seed=seed).items() if not k.startswith("decoder_")}
+    return batch | build_decoder_batch(annotations, tokenizer, max_length=config.text.context_length,
+                                       rng=random.Random(seed), length_multiple=16, static_rows=True)
+
+
+def test_padding_rows_carry_no_loss_and_count_for_no_task(debug_config, tokenizer):
+    config = replace_config(debug_config, distill={"enabled": False})
+    rng = random.Random(0)
+    annotations = [synthetic_annotation(rng) for _ in range(4)]
+    for annotation in annotations[2:]:
+        annotation["qa"] = []  # two images without VQA: two padding rows
+    padded = _static_decoder_batch(config, tokenizer, annotations, seed=0)
+    has_target = (padded["decoder_labels"] != IGNORE_INDEX).any(1)
+    assert padded["decoder_task"].shape == (4 * len(TASKS),) and int(has_target.sum()) == 4 * len(TASKS) - 2
+    assert padded["decoder_input_ids"].shape[1] % 16 == 0
+    compact = dict(padded)
+    for key in ("decoder_input_ids", "decoder_labels", "decoder_image_index", "decoder_task"):
+        compact[key] = padded[key][has_target]
+    torch.manual_seed(0)
+    model = GoldiCLIP(config)
+    losses = []
+    for batch in (padded, compact):
+        torch.manual_seed(1)  # the same negative captions
+        losses.append(model(batch)[1])
+    for name in ("loss/cap", "loss/ref", "loss/grd", "loss/vqa", "loss/total"):
+        assert torch.allclose(losses[0][name], losses[1][name], atol=1e-5), name
+
+
+def test_static_decoder_shapes_compile_one_graph(debug_config, tokenizer):
+    # The loader's decoder batches vary in which tasks each image has; with static rows and
+    # bucketed lengths torch.compile traces one graph, not one per batch (a recompile per
+    # step would make the compiled trainer slower than eager).
+    config = replace_config(debug_config, distill={"enabled": False})
+    rng = random.Random(1)
+    first = [synthetic_annotation(rng) for _ in range(4)]
+    second = [synthetic_annotation(rng) for _ in range(4)]
+    for annotation in second[1:]:
+        annotation["qa"], annotation["boxes"] = [], []
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    model = torch.compile(GoldiCLIP(config), backend=counting_backend)
+    for seed, annotations in enumerate((first, second)):
+        batch = _static_decoder_batch(config, tokenizer, annotations, seed)
+        loss, _ = model(batch)
+        loss.backward()
+    assert len(graphs) == 1

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from model import GoldiCLIP
-from model.tasks import TASKS
+from model.tasks import IGNORE_INDEX, TASKS
 from model.tokenizer import build_local_tokenizer
 from storage import ShardWriter, make_key
 from tasks.augment import map_box, random_resized_crop_box
 from tasks.config import TrainConfig
 from tasks.train import model_config
 from tasks.train_data import (
+    DECODER_LENGTH_MULTIPLE,
     SampleTransform,
     TrainSamples,
     decoder_annotation,
@@ -72,8 +73,13 @@ def test_decoder_samples_only_for_present_tasks(tmp_path, shards):
             jpg, meta = sample_record(make_key(0, i), rng, with_boxes=False, with_qa=False)
             writer.write(make_key(0, i), {"jpg": jpg, "json": meta})
     batch, _ = next(iter(dataset([url], tokenizer, config, shuffle_buffer=1)))
-    assert batch["decoder_task"].tolist() == [TASKS.index("cap")] * 4
-    assert batch["decoder_image_index"].tolist() == [0, 1, 2, 3]
+    has_target = (batch["decoder_labels"] != IGNORE_INDEX).any(1)
+    # Static shapes: one row per (image, task), the samples first, then rows with no target.
+    assert batch["decoder_input_ids"].shape[0] == 4 * len(TASKS)
+    assert has_target.tolist() == [True] * 4 + [False] * (4 * len(TASKS) - 4)
+    assert batch["decoder_task"][has_target].tolist() == [TASKS.index("cap")] * 4
+    assert batch["decoder_image_index"][has_target].tolist() == [0, 1, 2, 3]
+    assert batch["decoder_input_ids"].shape[1] % DECODER_LENGTH_MULTIPLE == 0
 
 
 def test_diverse_sampling_statistics():
