@@ -256,18 +256,42 @@ def main() -> None:
     config = get_preset(args.preset, distill={"enabled": not args.no_distill},
                         decoder={"enabled": not args.no_decoder})
     requested_batch = args.batch
-    parity = None
+    run = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "requested_batch": requested_batch,
+        "peak_tflops": peak_flops / 1e12,
+        "results": [],
+        "bf16_parity": None,
+    }
+    if args.write and device.type != "cuda":
+        raise SystemExit("--write records GPU runs only")
+
+    def publish() -> None:
+        """JSON and BENCHMARKS.md after every measurement: a run cut short by a time limit keeps what it has."""
+        run["args"]["batch"] = args.batch
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(run, indent=2))
+        if args.write and run["results"]:
+            write_section(run)
+
     if args.parity:  # in true fp32: before TF32 is on
         parity_args = argparse.Namespace(**vars(args))
-        parity = halving_on_oom(lambda a: bf16_parity(config, a, device), parity_args, "bf16 parity")
-        parity["batch"] = parity_args.batch
+        run["bf16_parity"] = halving_on_oom(lambda a: bf16_parity(config, a, device), parity_args, "bf16 parity")
+        run["bf16_parity"]["batch"] = parity_args.batch
+        publish()
     torch.backends.cuda.matmul.allow_tf32 = True
-    results = [halving_on_oom(
+    results = run["results"]
+    results.append(halving_on_oom(
         lambda a: timed("goldiclip", lambda b: GoldiCLIPStep(config, b, device), a, device, peak_flops),
-        args, "goldiclip")]
+        args, "goldiclip"))
+    publish()
     if not args.no_anchors:
         core = replace_config(config, distill={"enabled": False}, decoder={"enabled": False})
         results.append(timed("goldiclip-ret", lambda b: GoldiCLIPStep(core, b, device), args, device, peak_flops))
+        publish()
         try:
             import open_clip
         except Exception as error:  # an absent package, or a broken torchvision beneath it
@@ -275,26 +299,11 @@ def main() -> None:
         else:
             make = lambda b: OpenCLIPStep(open_clip, b, device)  # noqa: E731
             results.append(timed("open_clip-ViT-B-16", make, args, device, peak_flops))
+            publish()
             if args.batch < 256:  # the issue's anchor figure is at batch 256
                 big = argparse.Namespace(**{**vars(args), "batch": 256})
                 results.append(timed("open_clip-ViT-B-16", make, big, device, peak_flops))
-
-    report_json = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "requested_batch": requested_batch,
-        "peak_tflops": peak_flops / 1e12,
-        "results": results,
-        "bf16_parity": parity,
-    }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report_json, indent=2))
-    if args.write:
-        if device.type != "cuda":
-            raise SystemExit("--write records GPU runs only")
-        write_section(report_json)
+                publish()
 
 
 def write_section(run: dict) -> None:

@@ -2,9 +2,10 @@
 # Every GPU figure the issues ask for, in two device calls of under 10 minutes each.
 #
 #   step: bench/train_step.py (B/16 full step, bf16-vs-fp32 parity, anchors: goldiclip-ret and
-#         open_clip ViT-B-16 at this batch and at 256) and bench/boxes.py (OWLv2 B/16, random weights)
-#   job:  bench/train_data.py (the loader on this machine's cores vs the step) and
-#         bench/train_job.py (a real Ray Train run vs the step); needs step's bench/out/step.json
+#         open_clip ViT-B-16 at this batch and at 256; four compilations)
+#   job:  bench/train_data.py (the loader on this machine's cores vs the step), bench/boxes.py
+#         (OWLv2 B/16, random weights) and bench/train_job.py (a real Ray Train run vs the step);
+#         the comparisons read step's bench/out/step.json
 #   smoke: all four on the CPU in their smoke modes (tiny models), BENCHMARKS.md untouched: checks
 #         the kit and the scripts anywhere, e.g. in a venv holding only the device image's packages
 #
@@ -38,17 +39,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 case $part in
   step)
-    run train_step 400 python3 bench/train_step.py --preset B/16 --batch 128 --captions 8 --compile --parity \
+    run train_step 540 python3 bench/train_step.py --preset B/16 --batch 128 --captions 8 --compile --parity \
       --out bench/out/step.json --write
-    run boxes 150 python3 bench/boxes.py --random-weights --write
     ;;
   job)
     step_json=()
     if [ -f bench/out/step.json ]; then step_json=(--step-json bench/out/step.json)
     else echo "no bench/out/step.json (carry it, or run the step part first): no comparison with the step"; fi
-    run train_data 150 python3 bench/train_data.py --samples 256 --loader-workers 0 14 --cases B/16 \
+    run train_data 120 python3 bench/train_data.py --samples 256 --loader-workers 0 14 --cases B/16 \
       "${step_json[@]}" --write
-    run train_job 400 python3 bench/train_job.py "${step_json[@]}" --write
+    run boxes 120 python3 bench/boxes.py --random-weights --write
+    run train_job 300 python3 bench/train_job.py "${step_json[@]}" --write
     ;;
   smoke)
     run train_step 300 python3 bench/train_step.py --preset debug --device cpu --batch 4 --captions 2 --steps 2 \
