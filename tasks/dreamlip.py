@@ -63,7 +63,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.fs import atomic_write, is_temporary, join, open_fs, read_json, write_json
+from storage.fs import atomic_write, join, open_fs, read_json, write_json
 from storage.layout import shard_name
 from storage.tables import read_table
 

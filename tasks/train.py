@@ -256,7 +256,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Every parameter gets a gradient each step (GoldiCLIP.absent_decoder_losses), so DDP needs no
     # unused-parameter search; compiled on accelerators (DDPOptimizer splits the graph at buckets).
     ddp = ray.train.torch.prepare_model(model)
-    forward = torch.compile(ddp) if train.compile and device.type == "cuda" else ddp
+    compiled = train.compile and device.type == "cuda"
+    forward = torch.compile(ddp) if compiled else ddp
     optimizer = build_optimizer(model, train, device)
     scheduler = build_scheduler(optimizer, train)
     if state:
@@ -275,7 +276,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loop_config["shard_urls"], SampleTransform.from_config(train, model.config), tokenizer,
         batch_size=train.batch_size_per_worker, context_length=model.config.text.context_length,
         num_batches=train.steps - step, seed=train.seed, start_step=step, rank=rank, world_size=world_size,
-        shuffle_buffer=train.shuffle_buffer, resampled=train.resampled,
+        shuffle_buffer=train.shuffle_buffer, resampled=train.resampled, static_shapes=compiled,
     )
     loader = iter(make_loader(dataset, num_workers=train.loader_workers, prefetch_factor=train.prefetch_factor,
                               pin_memory=device.type == "cuda"))

@@ -50,7 +50,8 @@ from storage.fs import open_fs
 from tasks.augment import crop_and_resize, dino_recipes, dino_view, map_box, random_resized_crop_box, to_pixels
 from tasks.config import TrainConfig
 
-# Decoder sequences are padded to a multiple of this: a few shapes in a run, so a few compiled graphs.
+# With static shapes, decoder sequences are padded to a multiple of this: a few shapes in a run,
+# so a few compiled graphs.
 DECODER_LENGTH_MULTIPLE = 16
 CAPTION_FIELDS = ("raw", "short.IB", "short.SV", "short.LLA", "long.IB", "long.SV", "long.LLA")
 _SENTENCE_SPLIT = re.compile(r"\n|</s>|\.")
@@ -182,8 +183,14 @@ class BatchStats:
     errors: Counter = field(default_factory=Counter)
 
 
-def collate(samples: Sequence[dict], tokenizer, *, context_length: int, rng: random.Random) -> dict[str, torch.Tensor]:
-    """Samples -> the `GoldiCLIP.forward` batch (model/goldiclip.py documents every key)."""
+def collate(samples: Sequence[dict], tokenizer, *, context_length: int, rng: random.Random,
+            static_shapes: bool = False) -> dict[str, torch.Tensor]:
+    """Samples -> the `GoldiCLIP.forward` batch (model/goldiclip.py documents every key).
+
+    `static_shapes` (for a compiled model): one decoder row per (image, task), lengths in steps
+    of 16, so torch.compile sees a handful of shapes instead of a new one every batch; eager
+    training leaves it off and computes no padding rows.
+    """
     batch_size, num_captions = len(samples), len(samples[0]["captions"])
     texts = [c for s in samples for c in s["captions"]]
     batch = {
@@ -194,9 +201,9 @@ def collate(samples: Sequence[dict], tokenizer, *, context_length: int, rng: ran
         batch["global_views"] = torch.stack([s["global_views"] for s in samples])  # (B, G, 3, H, W)
     if "local_views" in samples[0]:
         batch["local_views"] = torch.stack([s["local_views"] for s in samples])  # (B, L, 3, h, w)
-    # Static shapes for torch.compile: one row per (image, task) and lengths in steps of 16.
     decoder = build_decoder_batch([s["annotation"] for s in samples], tokenizer, max_length=context_length, rng=rng,
-                                  length_multiple=DECODER_LENGTH_MULTIPLE, static_rows=True)
+                                  length_multiple=DECODER_LENGTH_MULTIPLE if static_shapes else 1,
+                                  static_rows=static_shapes)
     if (decoder["decoder_labels"] != IGNORE_INDEX).any():  # else the model's no-decoder-sample path
         batch.update(decoder)
     return batch
@@ -217,7 +224,8 @@ class TrainSamples(IterableDataset):
 
     def __init__(self, urls: Sequence[str], transform: SampleTransform, tokenizer, *, batch_size: int,
                  context_length: int, num_batches: int, seed: int = 0, start_step: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle_buffer: int = 1000, resampled: bool = True):
+                 world_size: int = 1, shuffle_buffer: int = 1000, resampled: bool = True,
+                 static_shapes: bool = False):
         if not urls:
             raise ValueError("no training shards (train/*.tar): run the shards stage first")
         self.urls = list(urls)
@@ -225,6 +233,7 @@ class TrainSamples(IterableDataset):
         self.batch_size, self.context_length, self.num_batches = batch_size, context_length, num_batches
         self.seed, self.start_step, self.rank, self.world_size = seed, start_step, rank, world_size
         self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
+        self.static_shapes = static_shapes  # see `collate`
         self.errors: Counter = Counter()
 
     def __len__(self) -> int:
@@ -282,7 +291,8 @@ class TrainSamples(IterableDataset):
                     chosen.append(self.transform(raw, rng))
                 except Exception as e:  # noqa: BLE001 - any bad sample is counted, never fatal
                     self._count_error(e if isinstance(e, CorruptSample) else CorruptSample("bad_sample", str(e)))
-            batch = collate(chosen, self.tokenizer, context_length=self.context_length, rng=rng)
+            batch = collate(chosen, self.tokenizer, context_length=self.context_length, rng=rng,
+                            static_shapes=self.static_shapes)
             stats = BatchStats(samples=seen, errors=self.errors)
             self.errors = Counter()
             yield batch, stats

@@ -1,6 +1,5 @@
 import math
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
