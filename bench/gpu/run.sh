@@ -46,10 +46,10 @@ case $part in
     step_json=()
     if [ -f bench/out/step.json ]; then step_json=(--step-json bench/out/step.json)
     else echo "no bench/out/step.json (carry it, or run the step part first): no comparison with the step"; fi
-    run train_data 120 python3 bench/train_data.py --samples 256 --loader-workers 0 14 --cases B/16 \
+    run train_data 100 python3 bench/train_data.py --samples 256 --loader-workers 0 14 --cases B/16 \
       "${step_json[@]}" --write
     run boxes 120 python3 bench/boxes.py --random-weights --write
-    run train_job 300 python3 bench/train_job.py "${step_json[@]}" --write
+    run train_job 330 python3 bench/train_job.py "${step_json[@]}" --write
     ;;
   smoke)
     run train_step 300 python3 bench/train_step.py --preset debug --device cpu --batch 4 --captions 2 --steps 2 \
