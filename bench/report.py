@@ -8,6 +8,7 @@ machines and days (the CPU sandbox, a lent GPU) live side by side.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import sys
@@ -45,6 +46,12 @@ def machine() -> str:
 def command_line() -> str:
     """The command that produced a table, as a user would retype it."""
     return " ".join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+
+
+def step_images_per_second(path: Path) -> float:
+    """The full GoldiCLIP step's images/s per GPU from a `bench/train_step.py --out` report."""
+    results = json.loads(Path(path).read_text())["results"]
+    return next(r["images_per_s"] for r in results if r["run"] == "goldiclip")
 
 
 def write_section(section: str, path: Path = BENCHMARKS) -> None:

@@ -16,7 +16,6 @@ keeps up with the full GoldiCLIP step (loader samples/s >= step images/s).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -79,13 +78,6 @@ def measure(urls, tokenizer, preset: str, overrides: dict, samples: int, loader_
     return timed * batch / (time.perf_counter() - start)
 
 
-def step_images_per_second(path: Path | None) -> float | None:
-    if path is None:
-        return None
-    results = json.loads(path.read_text())["results"]
-    return next(r["images_per_s"] for r in results if r["run"] == "goldiclip")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=256, help="timed samples per loader process")
@@ -96,7 +88,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="(re)write the train data loader section of BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    step = step_images_per_second(args.step_json)
+    step = report.step_images_per_second(args.step_json) if args.step_json else None
     load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

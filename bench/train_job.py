@@ -115,10 +115,7 @@ def main() -> None:
         rows = read_metrics(f"{runs_dir(str(root))}/{name}")
     steady = [r["images_per_s"] for r in rows[1:]] or [rows[-1]["images_per_s"]]
     job = statistics.median(steady)
-    step = None
-    if args.step_json:
-        step_results = json.loads(args.step_json.read_text())["results"]
-        step = next(r["images_per_s"] for r in step_results if r["run"] == "goldiclip") * max(gpus, 1)
+    step = report.step_images_per_second(args.step_json) * max(gpus, 1) if args.step_json else None
     summary = {"steps": rows[-1]["step"], "fit_seconds": fit_seconds, "images_per_s_rows": [r["images_per_s"] for r in rows],
                "job_images_per_s": job, "step_images_per_s": step, "tokenizer": tokenizer_kind,
                "loader_workers": config.train.loader_workers, "final_loss": rows[-1].get("loss/total")}

@@ -132,8 +132,7 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
 def to_tensor(image: Image.Image, mean: Sequence[float] = IMAGE_MEAN,
               std: Sequence[float] = IMAGE_STD) -> torch.Tensor:
     """RGB PIL image -> normalised float (3, H, W): (x - mean) / std per channel, x in [0, 1]."""
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
-    pixels = array.permute(2, 0, 1).float().div_(255)  # (3, H, W)
+    pixels = to_pixels(image).float().div_(255)  # (3, H, W)
     return pixels.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
 
 
