@@ -67,8 +67,15 @@ export VLLM_ALIAS
 vllm-env: $(VLLM_VENV)/.installed
 
 # The real-vLLM integration test (tests/integration/test_vllm_serve.py) needs the vLLM venv.
-test: install vllm-env
-	$(BIN)/python -m pytest -q tests
+# The two environments are independent and their builds mostly download and unpack:
+# side by side they take the time of the longer one.
+# Tests run in PYTEST_WORKERS processes, whole modules each (module fixtures stay shared):
+# most of the suite waits on servers, Ray and subprocesses, so 2 processes on 2 cores
+# take about half the time of one.
+PYTEST_WORKERS ?= 2
+test:
+	$(MAKE) -j2 install vllm-env
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
 
 demo: install
 	$(BIN)/goldiclip demo --workdir $(WORKDIR)

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 import report  # noqa: E402  (bench/report.py)
 from clip_tokenizer import save_clip_tokenizer  # noqa: E402  (bench/clip_tokenizer.py)
 from tasks.config import PipelineConfig  # noqa: E402
-from tasks.train import build_trainer, read_metrics, runs_dir, start_ray, validate_train_config  # noqa: E402
+from tasks.ray_actors import start_ray  # noqa: E402
+from tasks.train import build_trainer, read_metrics, runs_dir, validate_train_config  # noqa: E402
 from tasks.train_data import iter_texts  # noqa: E402
 from tests.train_fixtures import write_train_shards  # noqa: E402
 
@@ -74,8 +75,9 @@ def job_config(args, root: Path, tokenizer: str, gpus: int) -> PipelineConfig:
             "warmup_steps": min(10, args.steps - 1), "log_every": args.log_every, "checkpoint_every": args.steps,
             "num_workers": max(gpus, 1), "use_gpu": gpus > 0, "compile": not args.no_compile,
             "resources_per_worker": {"CPU": max(1, cpus // max(gpus, 1) - 1), **({"GPU": 1} if gpus else {})},
-            "loader_workers": loader_workers, "shuffle_buffer": 256, "ray": {"num_cpus": cpus},
+            "loader_workers": loader_workers, "shuffle_buffer": 256,
         },
+        "ray": {"num_cpus": cpus},
     })
 
 
@@ -105,7 +107,7 @@ def main() -> None:
         print(f"{len(urls)} shards x {args.per_shard} samples in {time.perf_counter() - started:.1f}s; "
               f"{tokenizer_kind}; {config.train.num_workers} worker(s), {config.train.loader_workers} loader "
               f"processes each", flush=True)
-        start_ray(config)
+        start_ray(config.ray)
         name = f"bench-train-job-{int(time.time())}"
         fit_start = time.perf_counter()
         result = build_trainer(config, name=name, tokenizer=str(tokenizer_dir), shard_urls=urls).fit()

@@ -20,6 +20,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
+from tasks.ray_actors import ShardActorPool, shard_runner
 from tasks.stage import ShardResult, Stage
 
 
@@ -35,8 +36,8 @@ def _retry_on_io_error(task, task_run, state) -> bool:
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_on_io_error)
-def process_shard(stage: Stage, shard: str, force: bool) -> ShardResult:
-    result = stage.run_shard(shard, force=force)
+def process_shard(stage: Stage, runner: Stage | ShardActorPool, shard: str, force: bool) -> ShardResult:
+    result = runner.run_shard(shard, force=force)
     failed = sum(result.failures.values())
     get_run_logger().info(
         "%s shard %s: %s; %d failed %s in %.1fs",
@@ -98,25 +99,34 @@ def run_stage_flow(stage: Stage, *, force: bool = False) -> dict:
     )
     bar = tqdm(total=len(shards), initial=len(done), desc=stage.name, unit="shard",
                disable=not sys.stderr.isatty())
-    with ThreadPoolTaskRunner(max_workers=stage.parallel_shards) as runner:
-        futures = {
-            runner.submit(process_shard.with_options(task_run_name=f"{stage.name}-{s}"),
-                          {"stage": stage, "shard": s, "force": force}): s
-            for s in pending
-        }
-        for future in as_completed(list(futures)):
-            shard = futures[future]
-            try:
-                results.append(future.result())
-            except Exception as e:  # recorded and re-raised below, after the summary
-                failed[shard] = f"{type(e).__name__}: {e}"
-                logger.error("%s shard %s failed: %s", stage.name, shard, failed[shard])
-            bar.update(1)
-            finished = len(results) + len(failed)
-            update_progress_artifact(progress_id, 100.0 * finished / max(len(shards), 1))
+    runner = shard_runner(stage) if pending else stage
+    pool = runner if isinstance(runner, ShardActorPool) else None
+    if pool:
+        logger.info("%s: %d shards on %d Ray actors", stage.name, len(pending), pool.size)
+    try:
+        with ThreadPoolTaskRunner(max_workers=pool.size if pool else stage.parallel_shards) as task_runner:
+            futures = {
+                task_runner.submit(process_shard.with_options(task_run_name=f"{stage.name}-{s}"),
+                                   {"stage": stage, "runner": runner, "shard": s, "force": force}): s
+                for s in pending
+            }
+            for future in as_completed(list(futures)):
+                shard = futures[future]
+                try:
+                    results.append(future.result())
+                except Exception as e:  # recorded and re-raised below, after the summary
+                    failed[shard] = f"{type(e).__name__}: {e}"
+                    logger.error("%s shard %s failed: %s", stage.name, shard, failed[shard])
+                bar.update(1)
+                finished = len(results) + len(failed)
+                update_progress_artifact(progress_id, 100.0 * finished / max(len(shards), 1))
+        extra = {"actors": pool.describe()} if pool else None
+    finally:
+        if pool:
+            pool.close()
     bar.close()
 
-    summary = stage.summarize(results)
+    summary = stage.summarize(results, extra)
     publish_summary(stage, summary, failed)
     logger.info("%s: counts %s, failures %s", stage.name, summary["counts"], summary["failures"])
     if failed:

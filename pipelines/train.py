@@ -33,9 +33,9 @@ from tasks.train import (
     read_metrics,
     run_name,
     runs_dir,
-    start_ray,
     validate_train_config,
 )
+from tasks.ray_actors import start_ray
 from tasks.train_data import train_shard_urls
 from tasks.train_report import final_table, plot_metrics
 
@@ -134,7 +134,7 @@ def run_training(config: PipelineConfig, *, force: bool = False) -> dict:
         logger.info("run %s: %s at step %d of %d (%d shards, %d workers x %d images)", name,
                     "resuming" if start_step else "starting", start_step, train.steps, len(shard_urls),
                     train.num_workers, train.batch_size_per_worker)
-        start_ray(config)
+        start_ray(config.ray)
         trainer = build_trainer(config, name=name, tokenizer=tokenizer, shard_urls=shard_urls)
         thread, outcome = _fit_in_thread(trainer)
         _watch(thread, run_dir, train.steps, start_step)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 
@@ -150,10 +150,48 @@ class ShardsConfig(Section):
     parallel_shards: int = Field(default=2, ge=1)
 
 
+class RayConfig(Section):
+    """The Ray cluster of the stages that run on Ray: train, and boxes/vqa with `actors.executor: ray`."""
+
+    address: str | None = Field(
+        default=None,
+        description="Join this Ray cluster (`auto`, `ray://head:10001`); None: start a local Ray in the flow's process.",
+    )
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray (None: all of the machine's).")
+    temp_dir: str | None = Field(
+        default=None,
+        description="Session directory of a local Ray (default <tmp>/goldiclip-ray); keep it short, Ray puts "
+        "its sockets there.",
+    )
+
+
+class ActorPoolConfig(Section):
+    """Where a model stage runs its shards: in the flow's process, or on a pool of Ray actors.
+
+    With ``executor: ray`` each actor loads the model once and takes whole shards, one at a
+    time (one actor per GPU is the usual shape); the flow still runs one Prefect task per
+    shard, so the UI shows per-shard runs, logs and retries. Actors read and write the
+    dataset root themselves: on a cluster it must be shared storage (an fsspec URL or a
+    shared file system). ``ray`` (top level) says which cluster.
+    """
+
+    executor: Literal["local", "ray"] = Field(
+        default="local", description="local: shards run in the flow's process; ray: on a pool of Ray actors."
+    )
+    num_actors: int = Field(default=1, ge=1, description="Actors in the pool (e.g. the number of GPUs).")
+    num_gpus_per_actor: float = Field(default=1.0, ge=0, description="GPUs each actor reserves (0: a CPU actor).")
+    num_cpus_per_actor: float = Field(default=4.0, gt=0, description="CPUs each actor reserves (its decode threads, tokenising).")
+    max_restarts: int = Field(
+        default=2, ge=0, description="Times a dead actor (lost node, killed process) is restarted; its shard is retried."
+    )
+
+
 class BoxesConfig(Section):
     """OWLv2 boxes for the phrases of each image (METHOD.md sec. 7, boxes)."""
 
-    NOT_IN_FINGERPRINT = frozenset({"device", "batch_size", "loader_threads", "prefetch_batches", "parallel_shards"})
+    NOT_IN_FINGERPRINT = frozenset(
+        {"device", "batch_size", "loader_threads", "prefetch_batches", "parallel_shards", "actors"}
+    )
 
     model: str = Field(
         default="google/owlv2-base-patch16-ensemble",
@@ -170,7 +208,11 @@ class BoxesConfig(Section):
     batch_size: int = Field(default=32, ge=1, description="Images per forward pass.")
     loader_threads: int = Field(default=4, ge=1, description="Threads decoding and resizing JPEGs ahead of the model.")
     prefetch_batches: int = Field(default=4, ge=1, description="Decoded batches kept ready for the model.")
-    parallel_shards: int = Field(default=1, ge=1, description="Shards in flight (they share one model per process).")
+    parallel_shards: int = Field(
+        default=1, ge=1, description="Shards in flight in the flow's process (they share one model); with a Ray "
+        "actor pool, one per actor."
+    )
+    actors: ActorPoolConfig = ActorPoolConfig()
 
 
 class ManagedServerConfig(Section):
@@ -224,7 +266,7 @@ class TransformersBackendConfig(Section):
 class VqaConfig(Section):
     """Question-answer pairs from the ShareGPT4V short caption (METHOD.md sec. 7, VQA)."""
 
-    NOT_IN_FINGERPRINT = frozenset({"openai", "transformers", "parallel_shards"})
+    NOT_IN_FINGERPRINT = frozenset({"openai", "transformers", "parallel_shards", "actors"})
 
     backend: Literal["openai", "transformers"] = "openai"
     model: str = Field(
@@ -246,6 +288,18 @@ class VqaConfig(Section):
     openai: OpenAIBackendConfig = OpenAIBackendConfig()
     transformers: TransformersBackendConfig = TransformersBackendConfig()
     parallel_shards: int = Field(default=1, ge=1, description="Shards in flight (each keeps `concurrency` requests going).")
+    actors: ActorPoolConfig = Field(
+        default=ActorPoolConfig(), description="transformers backend only: generate on a pool of Ray actors."
+    )
+
+    @model_validator(mode="after")
+    def _actors_need_in_process_generation(self) -> VqaConfig:
+        if self.actors.executor == "ray" and self.backend != "transformers":
+            raise ValueError(
+                "vqa.actors.executor: ray needs vqa.backend: transformers; with the openai backend the "
+                "servers do the GPU work (run more of them: vqa.openai.server.num_servers or base_urls)"
+            )
+        return self
 
 
 class EvalDatasetConfig(Section):
@@ -330,27 +384,12 @@ class EvaluateConfig(Section):
         return datasets
 
 
-class RayConfig(Section):
-    """Where the training job runs."""
-
-    address: str | None = Field(
-        default=None,
-        description="Join this Ray cluster (`auto`, `ray://head:10001`); None: start a local Ray in the flow's process.",
-    )
-    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray (None: all of the machine's).")
-    temp_dir: str | None = Field(
-        default=None,
-        description="Session directory of a local Ray (default <tmp>/goldiclip-ray); keep it short, Ray puts "
-        "its sockets there.",
-    )
-
-
 class TrainConfig(Section):
     """GoldiCLIP training with Ray Train (METHOD.md sec. 4, 7, 8). The run name is a fingerprint of
     the fields that change what is trained, so rerunning the same config resumes that run."""
 
     NOT_IN_FINGERPRINT = frozenset({
-        "ray", "use_gpu", "resources_per_worker", "loader_workers", "prefetch_factor", "checkpoint_every",
+        "use_gpu", "resources_per_worker", "loader_workers", "prefetch_factor", "checkpoint_every",
         "num_to_keep", "max_failures", "log_every", "compile",
     })
 
@@ -396,7 +435,6 @@ class TrainConfig(Section):
     max_failures: int = Field(default=3, ge=0, description="Worker-group restarts from the last checkpoint.")
     log_every: int = Field(default=50, ge=1, description="Steps between metric rows (logs, progress, plots).")
     seed: int = 0
-    ray: RayConfig = RayConfig()
 
 
 class PipelineConfig(Section):
@@ -412,6 +450,7 @@ class PipelineConfig(Section):
     shards: ShardsConfig = ShardsConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    ray: RayConfig = RayConfig()
 
     @field_validator("sources")
     @classmethod

@@ -50,6 +50,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import logging
 import re
 import uuid
 from collections import Counter, defaultdict, deque
@@ -66,6 +67,8 @@ import pyarrow.parquet as pq
 from storage.fs import atomic_write, join, open_fs, read_json, write_json
 from storage.layout import shard_name
 from storage.tables import read_table
+
+log = logging.getLogger(__name__)
 
 CAPTIONERS = ("IB", "SV", "LLA")
 K = TypeVar("K", bound=Hashable)
@@ -545,7 +548,40 @@ def partition_by_shard(
         "fingerprint": _digest([index] + [e["fingerprint"] for e in entries]),
     }
     write_json(join(root, "manifest.json"), manifest)
+    removed = remove_stale_partitions(out_url, manifest)
+    if removed:
+        log.info("captions: removed partitions no manifest can read again: %s", removed)
     return manifest
+
+
+def remove_stale_partitions(out_url: str, manifest: dict) -> list[str]:
+    """Delete, after `manifest` is written, what no run with this split and these CSVs can read.
+
+    That is every other index directory under `out_url` (built for an earlier download
+    split: a new split names a new index, and the old one's shard numbers mean other
+    images), and, in this index, the parts of a listed CSV built from an earlier version of
+    the file (its tag hashes the file's size and ETag/mtime). Parts of a CSV that is no
+    longer listed are kept: listing it again must not cost another pass over it. Returns
+    what was removed (index names and CSV tags).
+    """
+    fs, path = open_fs(out_url)
+    removed = []
+    for other in fs.ls(path, detail=False):
+        name = other.rstrip("/").rsplit("/", 1)[-1]
+        if name != manifest["index"] and fs.isdir(other):
+            fs.rm(other, recursive=True)
+            removed.append(name)
+    root = index_dir(out_url, manifest)
+    current = {e["csv"]: e["tag"] for e in manifest["csvs"]}
+    fs, csvs_path = open_fs(join(root, "_csvs"))
+    for success in fs.glob(f"{csvs_path}/*/_SUCCESS.json"):
+        tag = success.rsplit("/", 2)[-2]
+        entry = read_json(join(root, "_csvs", tag, "_SUCCESS.json")) or {}
+        if entry.get("csv") in current and current[entry["csv"]] != tag:
+            _remove_parts(root, tag)
+            fs.rm(success.rsplit("/", 1)[0], recursive=True)
+            removed.append(tag)
+    return removed
 
 
 def read_shard_captions(

@@ -100,13 +100,16 @@ class Stage(ABC):
         """Stage-level facts for ``_stages/<stage>.json`` besides the per-shard records."""
         return {}
 
-    def summarize(self, results: list[ShardResult]) -> dict:
-        """Write ``_stages/<stage>.json`` and return it with this run's skip/process split."""
+    def summarize(self, results: list[ShardResult], extra: dict | None = None) -> dict:
+        """Write ``_stages/<stage>.json`` and return it with this run's skip/process split.
+
+        ``extra``: facts only the orchestrator knows (e.g. the Ray actors that ran the shards).
+        """
         last_run = {
             "processed": sorted(r.shard for r in results if not r.skipped),
             "skipped": sorted(r.shard for r in results if r.skipped),
         }
-        return self.records.write_summary({"last_run": last_run, **self.summary_extra()})
+        return self.records.write_summary({"last_run": last_run, **self.summary_extra(), **(extra or {})})
 
 
 def run_stage(stage: Stage, *, force: bool = False) -> dict:

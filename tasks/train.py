@@ -353,21 +353,6 @@ def _report(row: dict, model, optimizer, scheduler, step: int, data: dict, rank:
 # ---- the driver side ------------------------------------------------------------------------------
 
 
-def start_ray(config: PipelineConfig) -> None:
-    """Join `train.ray.address`, or start a local Ray (no dashboard) unless one is running."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    settings = config.train.ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if settings.address:
-        ray.init(address=settings.address)
-        return
-    temp_dir = settings.temp_dir or os.path.join(tempfile.gettempdir(), "goldiclip-ray")
-    ray.init(num_cpus=settings.num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-
-
 def build_trainer(config: PipelineConfig, *, name: str, tokenizer: str, shard_urls: list[str]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -408,5 +393,5 @@ def validate_train_config(config: PipelineConfig) -> None:
 __all__ = ["CHECKPOINT_FILE", "ERROR_REASONS", "METRICS_FILE", "STARTS_FILE", "TEST_FAIL_ONCE_ENV",
            "DATA_POSITION_FILE", "MODEL_CONFIG_FILE", "build_optimizer", "checkpoint_step", "build_scheduler", "build_trainer", "latest_checkpoint_on_storage", "load_checkpoint",
            "lr_factor", "model_config", "param_groups", "prepare_tokenizer", "read_metrics", "run_name",
-           "runs_dir", "save_checkpoint", "start_ray", "train_loop_per_worker", "train_shard_urls",
+           "runs_dir", "save_checkpoint", "train_loop_per_worker", "train_shard_urls",
            "validate_train_config"]

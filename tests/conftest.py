@@ -29,3 +29,15 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray (2 CPUs, no dashboard) shared by every Ray test in the session."""
+    import ray
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")  # one Ray per test process
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=os.path.join(tempfile.gettempdir(), f"goldiclip-ray-tests-{worker}"))
+    yield
+    ray.shutdown()

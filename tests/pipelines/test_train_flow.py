@@ -44,20 +44,10 @@ def config_dict(root: Path, **train) -> dict:
             "batch_size_per_worker": BATCH, "captions_per_image": 2, "num_local_views": 2,
             "warmup_steps": 2, "lr": 1e-3, "num_workers": WORKERS, "use_gpu": False,
             "resources_per_worker": {"CPU": 1}, "loader_workers": 0, "shuffle_buffer": 8, "log_every": 1,
-            "num_to_keep": 2, "max_failures": 2, "ray": {"num_cpus": 2}, **train,
+            "num_to_keep": 2, "max_failures": 2, **train,
         },
+        "ray": {"num_cpus": 2},
     }
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=os.path.join(tempfile.gettempdir(), "goldiclip-ray-tests"))
-    yield
-    ray.shutdown()
 
 
 def run_dir_of(summary: dict) -> Path:
@@ -107,7 +97,7 @@ def test_sigkill_of_the_driver_then_rerun_resumes(prefect_harness, ray_cluster, 
     write_train_shards(root / "train", num_shards=2, per_shard=16)
     # The killed driver runs its own Ray; a separate temp dir keeps it apart from this module's.
     config = config_dict(root, steps=14, checkpoint_every=3)
-    config["train"]["ray"]["temp_dir"] = os.path.join(tempfile.gettempdir(), "goldiclip-ray-killed")
+    config["ray"]["temp_dir"] = os.path.join(tempfile.gettempdir(), "goldiclip-ray-killed")
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}

@@ -127,14 +127,14 @@ def test_url_shard_index_maps_hashes_to_shards():
     assert dup.collisions == 1 and dup.shard_of(np.array([5, 9], np.uint64)).tolist() == [1, 2]
 
 
-def _partition(csvs, out, index, **kw):
+def _partition(csvs, out, index, split="split-fp", **kw):
     calls = []
 
     def load():
         calls.append(1)
         return index
 
-    manifest = partition_by_shard(csvs, out, "split-fp", load, **kw)
+    manifest = partition_by_shard(csvs, out, split, load, **kw)
     return manifest, len(calls)
 
 
@@ -219,6 +219,30 @@ def test_killed_partition_is_not_visible(tmp_path, monkeypatch):
     assert len(list(out.rglob("part-*.parquet"))) == 2  # the killed attempt's part was removed
     got = read_shard_captions(str(out), manifest, 0, {f"http://x/{i}.jpg" for i in range(10)}, counts=Counter())
     assert len(got) == 10
+
+
+def test_partition_removes_what_can_never_be_read_again(tmp_path):
+    a = _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(20)]))
+    b = _write(tmp_path / "b.csv", _csv_text([_row(i) for i in range(20, 30)]))
+    index = _index({0: list(range(10)), 1: list(range(10, 30))})
+    out = tmp_path / "parts"
+    first, _ = _partition([a, b], str(out), index)
+    old_a, kept_b = (e["tag"] for e in first["csvs"])
+
+    _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(5)]))  # a new version of a.csv
+    second, loads = _partition([a], str(out), index)  # b.csv no longer listed
+    assert loads == 1 and second["index"] == first["index"]
+    new_a = second["csvs"][0]["tag"]
+    tags = {p.name for p in (out / first["index"] / "_csvs").iterdir()}
+    assert tags == {new_a, kept_b}  # the old a.csv's parts go; b.csv's stay (it may be listed again)
+    assert not list(out.rglob(f"part-{old_a}-*")) and list(out.rglob(f"part-{kept_b}-*"))
+    got = read_shard_captions(str(out), second, 0, {f"http://x/{i}.jpg" for i in range(10)}, counts=Counter())
+    assert sorted(got) == sorted(f"http://x/{i}.jpg" for i in range(5))
+    again, loads = _partition([a, b], str(out), index)
+    assert loads == 0  # b.csv's kept parts served it without another pass
+
+    third, _ = _partition([a, b], str(out), index, split="another-split")
+    assert [p.name for p in out.iterdir()] == [third["index"]]  # the old split's index is gone
 
 
 def test_partition_on_memory_filesystem(tmp_path):
