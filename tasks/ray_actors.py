@@ -16,7 +16,7 @@ import queue
 import socket
 import tempfile
 
-from tasks.config import ActorPoolConfig, PipelineConfig, RayConfig
+from tasks.config import ActorPoolConfig, ConfigError, PipelineConfig, RayConfig
 from tasks.stage import ShardResult, Stage
 
 
@@ -72,7 +72,6 @@ class ShardActorPool:
             num_gpus=settings.num_gpus_per_actor, num_cpus=settings.num_cpus_per_actor,
             max_restarts=settings.max_restarts, max_task_retries=settings.max_restarts,
         )
-        self.name = stage.name
         self.actors = [worker.remote(type(stage), stage.config) for _ in range(settings.num_actors)]
         self._idle: queue.Queue = queue.Queue()
         for actor in self.actors:
@@ -118,7 +117,26 @@ def shard_runner(stage: Stage):
     if settings is None or settings.executor == "local":
         return stage
     start_ray(stage.config.ray)
+    if not stage.config.ray.address:
+        check_local_resources(stage.name, settings)
     return ShardActorPool(stage, settings)
 
 
-__all__ = ["ShardActorPool", "ShardWorker", "shard_runner", "start_ray"]
+def check_local_resources(stage_name: str, settings: ActorPoolConfig) -> None:
+    """Fail fast when no actor fits on the local Ray (it would wait forever for a GPU).
+
+    Only for a Ray this process started: a cluster's autoscaler may add the nodes later.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    for resource, need in (("GPU", settings.num_gpus_per_actor), ("CPU", settings.num_cpus_per_actor)):
+        if need > have.get(resource, 0):
+            raise ConfigError(
+                f"{stage_name}.actors: each actor asks for {need:g} {resource}, the local Ray has "
+                f"{have.get(resource, 0):g}; lower {stage_name}.actors.num_{resource.lower()}s_per_actor "
+                "(0 GPUs runs on the CPU) or set ray.address to join a cluster"
+            )
+
+
+__all__ = ["ShardActorPool", "ShardWorker", "check_local_resources", "shard_runner", "start_ray"]

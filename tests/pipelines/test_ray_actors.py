@@ -128,3 +128,14 @@ def test_vqa_generates_on_actors_what_it_generates_in_process(prefect_harness, r
 def test_vqa_on_actors_needs_the_in_process_backend():
     with pytest.raises(ValueError, match="vqa.backend: transformers"):
         PipelineConfig.model_validate({"dataset": {"root": "x"}, "vqa": {"actors": {"executor": "ray"}}})
+
+
+def test_an_actor_that_cannot_fit_on_the_local_ray_fails_fast(ray_cluster, tmp_path, owl_dir):
+    from tasks.config import ConfigError
+    from tasks.ray_actors import shard_runner
+
+    stage = BoxesStage(boxes_config(tmp_path, owl_dir, num_gpus_per_actor=1))  # the local Ray has no GPU
+    with pytest.raises(ConfigError, match="boxes.actors: each actor asks for 1 GPU, the local Ray has 0"):
+        shard_runner(stage)
+    local = BoxesStage(boxes_config(tmp_path, owl_dir, executor="local"))
+    assert shard_runner(local) is local
