@@ -163,6 +163,11 @@ class RayConfig(Section):
         description="Session directory of a local Ray (default <tmp>/goldiclip-ray); keep it short, Ray puts "
         "its sockets there.",
     )
+    ship_code: bool = Field(
+        default=True,
+        description="Joining a cluster: upload this checkout's tasks/, model/ and storage/ with the job (Ray "
+        "runtime_env py_modules), so workers run the driver's code; off when the nodes' image has the same version.",
+    )
 
 
 class ActorPoolConfig(Section):

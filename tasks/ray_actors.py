@@ -28,10 +28,23 @@ def start_ray(settings: RayConfig) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if settings.address:
-        ray.init(address=settings.address)
+        ray.init(address=settings.address, runtime_env=project_runtime_env() if settings.ship_code else None)
         return
     temp_dir = settings.temp_dir or os.path.join(tempfile.gettempdir(), "goldiclip-ray")
     ray.init(num_cpus=settings.num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+
+
+def project_runtime_env() -> dict:
+    """The packages Ray workers import (train loop, stages, model), shipped from this checkout.
+
+    Cluster nodes need the dependencies (torch, transformers, ...) in their image; the
+    project's own code travels with the job, so a worker never runs another version of it.
+    """
+    import model
+    import storage
+    import tasks
+
+    return {"py_modules": [model, storage, tasks], "excludes": ["__pycache__", "*.pyc"]}
 
 
 class ShardWorker:
@@ -139,4 +152,5 @@ def check_local_resources(stage_name: str, settings: ActorPoolConfig) -> None:
             )
 
 
-__all__ = ["ShardActorPool", "ShardWorker", "check_local_resources", "shard_runner", "start_ray"]
+__all__ = ["ShardActorPool", "ShardWorker", "check_local_resources", "project_runtime_env", "shard_runner",
+           "start_ray"]

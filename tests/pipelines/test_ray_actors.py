@@ -7,6 +7,16 @@ survive a restart.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
@@ -16,6 +26,7 @@ from tasks.config import PipelineConfig
 from tasks.ray_actors import ShardActorPool
 from tasks.stage import run_stage
 from tasks.standin_models import save_tiny_owlv2
+from tasks.vqa_backends import free_port
 from tests.tasks.test_boxes import make_shard
 
 SHARDS = 3
@@ -139,3 +150,44 @@ def test_an_actor_that_cannot_fit_on_the_local_ray_fails_fast(ray_cluster, tmp_p
         shard_runner(stage)
     local = BoxesStage(boxes_config(tmp_path, owl_dir, executor="local"))
     assert shard_runner(local) is local
+
+
+def test_joining_a_cluster_ships_the_drivers_code(tmp_path):
+    """A real Ray head (`ray start --head`), a driver that joins it: workers import the shipped copy."""
+    port, agent_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="gc-ray-head-")  # short: Ray puts its sockets there
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--num-cpus=1", "--include-dashboard=false", f"--dashboard-agent-listen-port={agent_port}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    driver = textwrap.dedent(f"""
+        import json, ray
+        from tasks.config import RayConfig
+        from tasks.ray_actors import start_ray
+
+        start_ray(RayConfig(address="127.0.0.1:{port}"))
+
+        @ray.remote(num_cpus=1)
+        def imported_from():
+            import model, storage, tasks
+            return [m.__file__ for m in (model, storage, tasks)]
+
+        print(json.dumps(ray.get(imported_from.remote(), timeout=120)))
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=240)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        files = json.loads(done.stdout.strip().splitlines()[-1])
+        checkout = str(Path(__file__).resolve().parents[2])
+        assert len(files) == 3 and all("runtime_resources" in f and not f.startswith(checkout) for f in files)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
