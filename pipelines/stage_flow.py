@@ -11,6 +11,7 @@ finished shard has been recorded.
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
 
 from prefect import get_run_logger, task
@@ -55,25 +56,47 @@ def _artifact_key(stage: Stage, what: str) -> str:
     return f"{stage.name}-{what}".lower().replace("_", "-")
 
 
-def publish_summary(stage: Stage, summary: dict, failed_shards: dict[str, str]) -> None:
+def _rate(count: int, seconds: float) -> float | None:
+    return round(count / seconds, 1) if seconds > 0 else None
+
+
+def run_throughput(stage: Stage, summary: dict, wall_seconds: float) -> float | None:
+    """``stage.throughput_count`` per second of this run: its processed shards over its wall time."""
+    unit = stage.throughput_count
+    processed = summary["last_run"]["processed"]
+    if unit is None or not processed:
+        return None
+    return _rate(sum(summary["shards"][s]["counts"].get(unit, 0) for s in processed), wall_seconds)
+
+
+def publish_summary(stage: Stage, summary: dict, failed_shards: dict[str, str], wall_seconds: float) -> None:
+    """The counts table (per shard, with the stage's rate) and the failures-by-reason table."""
     shards = summary["shards"]
     count_names = sorted({k for rec in shards.values() for k in rec["counts"]})
+    unit = stage.throughput_count
+    rate_column = f"{unit}/s" if unit else None
     rows = []
     for name, rec in sorted(shards.items()):
         status = "skipped (done)" if name in summary["last_run"]["skipped"] else "processed"
         rows.append(
             {"shard": name, "status": status, **{k: rec["counts"].get(k, 0) for k in count_names},
-             "failed": sum(rec["failures"].values()), "seconds": rec["seconds"]}
+             "failed": sum(rec["failures"].values()), "seconds": rec["seconds"],
+             **({rate_column: _rate(rec["counts"].get(unit, 0), rec["seconds"])} if unit else {})}
         )
     for name, err in sorted(failed_shards.items()):
         rows.append({"shard": name, "status": f"error: {err[:200]}", **dict.fromkeys(count_names, 0),
-                     "failed": 0, "seconds": 0})
+                     "failed": 0, "seconds": 0, **({rate_column: None} if unit else {})})
     rows.append(
         {"shard": "total", "status": f"{summary['num_shards_done']} done",
          **{k: summary["counts"].get(k, 0) for k in count_names},
-         "failed": sum(summary["failures"].values()), "seconds": summary["seconds"]}
+         "failed": sum(summary["failures"].values()), "seconds": summary["seconds"],
+         **({rate_column: run_throughput(stage, summary, wall_seconds)} if unit else {})}
     )
-    create_table_artifact(rows, key=_artifact_key(stage, "counts"), description=f"{stage.name}: counts per shard")
+    description = f"{stage.name}: counts per shard"
+    if unit:
+        description += (f"; {rate_column} per shard over its own seconds, and in the total row this run's "
+                        f"processed shards over its wall time ({wall_seconds:.1f} s, shards in parallel)")
+    create_table_artifact(rows, key=_artifact_key(stage, "counts"), description=description)
     reasons = Counter(summary["failures"])
     create_table_artifact(
         [{"reason": r, "count": n} for r, n in reasons.most_common()] or [{"reason": "none", "count": 0}],
@@ -99,6 +122,7 @@ def run_stage_flow(stage: Stage, *, force: bool = False) -> dict:
     )
     bar = tqdm(total=len(shards), initial=len(done), desc=stage.name, unit="shard",
                disable=not sys.stderr.isatty())
+    started = time.perf_counter()
     runner = shard_runner(stage) if pending else stage
     pool = runner if isinstance(runner, ShardActorPool) else None
     if pool:
@@ -126,9 +150,14 @@ def run_stage_flow(stage: Stage, *, force: bool = False) -> dict:
             pool.close()
     bar.close()
 
+    wall_seconds = time.perf_counter() - started
     summary = stage.summarize(results, extra)
-    publish_summary(stage, summary, failed)
+    publish_summary(stage, summary, failed, wall_seconds)
     logger.info("%s: counts %s, failures %s", stage.name, summary["counts"], summary["failures"])
+    rate = run_throughput(stage, summary, wall_seconds)
+    if rate is not None:
+        logger.info("%s: %s %s/s this run (%d shards in %.1f s)", stage.name, f"{rate:,.1f}",
+                    stage.throughput_count, len(summary["last_run"]["processed"]), wall_seconds)
     if failed:
         raise RuntimeError(
             f"{stage.name}: {len(failed)} shard(s) failed ({', '.join(sorted(failed))}); "

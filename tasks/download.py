@@ -159,6 +159,7 @@ class _WorkerPool:
 
 class DownloadStage(Stage):
     name = "download"
+    throughput_count = "urls"
 
     @property
     def section(self) -> DownloadConfig:

@@ -42,6 +42,8 @@ class Stage(ABC):
     name: str
     # Stages whose per-shard records feed this stage's fingerprint.
     upstream: tuple[str, ...] = ()
+    # The count whose rate (per second) the orchestrator reports, e.g. "images".
+    throughput_count: str | None = None
 
     def __init__(self, config: PipelineConfig):
         self.config = config

@@ -98,6 +98,7 @@ def sample_json(meta: dict, captions: dict | None, phrases: list | None, boxes: 
 
 class TrainingShardsStage(Stage):
     name = "shards"
+    throughput_count = "samples"
     upstream = ("download", *ANNOTATIONS)
 
     @property

@@ -30,6 +30,7 @@ from tasks.vqa_parse import build_messages, parse_qa
 
 class VqaStage(Stage):
     name = "vqa"
+    throughput_count = "images"
     upstream = ("captions",)
 
     def __init__(self, config):

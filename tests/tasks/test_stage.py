@@ -97,3 +97,34 @@ def test_summary_file_is_written(config):
     assert on_disk["num_shards_done"] == 2
     assert set(on_disk["shards"]) == {"00000", "00001"}
     assert all(rec["seconds"] >= 0 for rec in on_disk["shards"].values())
+
+
+def test_flow_counts_artifact_reports_the_stages_rate(config, prefect_harness):
+    import json
+
+    from prefect import flow
+    from prefect.artifacts import Artifact
+
+    from pipelines.stage_flow import run_stage_flow
+
+    class RatedToy(ToyStage):
+        throughput_count = "rows"
+
+    @flow
+    def toy_flow():
+        return run_stage_flow(RatedToy(config))
+
+    def counts_table() -> dict[str, dict]:
+        data = Artifact.get("toy-counts").data
+        return {row["shard"]: row for row in (json.loads(data) if isinstance(data, str) else data)}
+
+    summary = toy_flow()
+    rows = counts_table()
+    for shard in ("00000", "00001"):
+        rec = summary["shards"][shard]
+        expected = rec["counts"]["rows"] / rec["seconds"] if rec["seconds"] else None  # a record keeps ms
+        assert rows[shard]["rows/s"] == (pytest.approx(expected, abs=0.051) if expected else None)  # 0.1 steps
+    assert rows["total"]["rows"] == 5 and rows["total"]["rows/s"] > 0
+    toy_flow()  # every shard skipped: no rate for this run, the per-shard ones are kept
+    rows = counts_table()
+    assert rows["total"]["rows/s"] is None and rows["00000"]["rows/s"] is not None
