@@ -73,28 +73,27 @@ def publish_summary(stage: Stage, summary: dict, failed_shards: dict[str, str], 
     """The counts table (per shard, with the stage's rate) and the failures-by-reason table."""
     shards = summary["shards"]
     count_names = sorted({k for rec in shards.values() for k in rec["counts"]})
-    unit = stage.throughput_count
-    rate_column = f"{unit}/s" if unit else None
     rows = []
     for name, rec in sorted(shards.items()):
         status = "skipped (done)" if name in summary["last_run"]["skipped"] else "processed"
         rows.append(
             {"shard": name, "status": status, **{k: rec["counts"].get(k, 0) for k in count_names},
-             "failed": sum(rec["failures"].values()), "seconds": rec["seconds"],
-             **({rate_column: _rate(rec["counts"].get(unit, 0), rec["seconds"])} if unit else {})}
+             "failed": sum(rec["failures"].values()), "seconds": rec["seconds"]}
         )
     for name, err in sorted(failed_shards.items()):
         rows.append({"shard": name, "status": f"error: {err[:200]}", **dict.fromkeys(count_names, 0),
-                     "failed": 0, "seconds": 0, **({rate_column: None} if unit else {})})
+                     "failed": 0, "seconds": 0})
     rows.append(
         {"shard": "total", "status": f"{summary['num_shards_done']} done",
          **{k: summary["counts"].get(k, 0) for k in count_names},
-         "failed": sum(summary["failures"].values()), "seconds": summary["seconds"],
-         **({rate_column: run_throughput(stage, summary, wall_seconds)} if unit else {})}
+         "failed": sum(summary["failures"].values()), "seconds": summary["seconds"]}
     )
     description = f"{stage.name}: counts per shard"
-    if unit:
-        description += (f"; {rate_column} per shard over its own seconds, and in the total row this run's "
+    if unit := stage.throughput_count:
+        for row in rows[:-1]:
+            row[f"{unit}/s"] = _rate(row.get(unit, 0), row["seconds"])
+        rows[-1][f"{unit}/s"] = run_throughput(stage, summary, wall_seconds)
+        description += (f"; {unit}/s per shard over its own seconds, and in the total row this run's "
                         f"processed shards over its wall time ({wall_seconds:.1f} s, shards in parallel)")
     create_table_artifact(rows, key=_artifact_key(stage, "counts"), description=description)
     reasons = Counter(summary["failures"])
