@@ -25,17 +25,11 @@ from tasks.boxes import BoxesStage
 from tasks.config import PipelineConfig
 from tasks.ray_actors import ShardActorPool
 from tasks.stage import run_stage
-from tasks.standin_models import save_tiny_owlv2
 from tasks.vqa_backends import free_port
 from tests.tasks.test_boxes import make_shard
 
 SHARDS = 3
 ACTORS = {"executor": "ray", "num_actors": 2, "num_gpus_per_actor": 0, "num_cpus_per_actor": 1}
-
-
-@pytest.fixture(scope="module")
-def owl_dir(tmp_path_factory):
-    return str(save_tiny_owlv2(tmp_path_factory.mktemp("owlv2-tiny")))
 
 
 def boxes_config(root, owl_dir, **actors) -> PipelineConfig:

@@ -15,13 +15,7 @@ from storage.tables import BOXES
 from tasks.boxes import BatchLoader, BoxesStage, OwlDetector, collate, decode_image, image_queries
 from tasks.config import BoxesConfig, PipelineConfig
 from tasks.stage import run_stage
-from tasks.standin_models import save_tiny_owlv2
 from tests.httpserver import image_bytes
-
-
-@pytest.fixture(scope="module")
-def owl_dir(tmp_path_factory):
-    return str(save_tiny_owlv2(tmp_path_factory.mktemp("owlv2-tiny")))
 
 
 @pytest.fixture(scope="module")
