@@ -38,7 +38,7 @@ from PIL import Image  # noqa: E402
 
 import report  # noqa: E402  (bench/report.py)
 from storage import ShardWriter  # noqa: E402
-from tasks.boxes import OwlDetector, collate, decode_image, detect_shard  # noqa: E402
+from tasks.annotate.boxes import OwlDetector, collate, decode_image, detect_shard  # noqa: E402
 from tasks.config import BoxesConfig  # noqa: E402
 
 OUT = REPO / "bench" / "out" / "boxes"
@@ -86,11 +86,11 @@ def main() -> None:
 
     model = args.model
     if args.tiny:
-        from tasks.standin_models import save_tiny_owlv2
+        from tasks.demo.standin_models import save_tiny_owlv2
 
         model = str(save_tiny_owlv2(OUT / "owlv2-tiny"))
     elif args.random_weights:
-        from tasks.standin_models import save_random_owlv2_base
+        from tasks.demo.standin_models import save_random_owlv2_base
 
         model = str(save_random_owlv2_base(OUT / "owlv2-b16-random"))
     cfg = BoxesConfig(model=model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.standin_models import clip_tokenizer_from_merges  # noqa: E402
+from tasks.demo.standin_models import clip_tokenizer_from_merges  # noqa: E402
 
 VOCAB_SIZE = 49408
 

@@ -5,7 +5,7 @@ What it does, in one run (``make bench-download``):
 1. generates photo-like JPEGs (smooth colour fields + texture + sensor-like noise, so
    decode cost and file sizes are realistic: 640x480, 800x600, 500x375, 1024x768 and
    portrait variants), cached under ``bench/out/images/``;
-2. serves them with ``python -m tests.httpserver DIR --latency 0.02 0.2`` in a separate
+2. serves them with ``python -m tasks.demo.http_server DIR --latency 0.02 0.2`` in a separate
    process (it does not share either client's GIL), 20-200 ms injected per request;
 3. writes a CC3M-style URL list (``caption<TAB>url``);
 4. runs img2dataset in its own throwaway venv (``bench/out/i2d-venv``, created here:
@@ -112,11 +112,11 @@ def make_images(n: int) -> tuple[Path, list[str]]:
 
 
 class Server:
-    """``tests.httpserver`` in its own process."""
+    """``tasks.demo.http_server`` in its own process."""
 
     def __init__(self, directory: Path, latency: tuple[float, float]):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.httpserver", str(directory), "--latency", str(latency[0]), str(latency[1])],
+            [sys.executable, "-m", "tasks.demo.http_server", str(directory), "--latency", str(latency[0]), str(latency[1])],
             cwd=REPO,
             stdout=subprocess.PIPE,
             text=True,
@@ -262,9 +262,9 @@ def run_img2dataset(python: Path, tsv: Path, threads: int, shard_size: int, expe
 
 
 def run_ours(tsv: Path, concurrency: int, shard_size: int, expected: int, sizes: dict) -> dict:
-    from tasks import download as download_mod
+    from tasks.download import stage as download_mod
     from tasks.config import PipelineConfig
-    from tasks.download import DownloadStage
+    from tasks.download.stage import DownloadStage
 
     root = OUT / f"ours-run-{concurrency}"
     shutil.rmtree(root, ignore_errors=True)
@@ -318,7 +318,7 @@ def write_section(rows: list[dict], args, anchor: dict, command: str, n: int) ->
         "## download",
         "",
         f"{n} photo-like JPEGs (640x480, 800x600, 500x375, 1024x768 and portrait; {args.mean_kb:.0f} KB mean) "
-        f"served by `tests/httpserver.py` in its own process with {args.latency[0] * 1000:.0f}-"
+        f"served by `tasks/demo/http_server.py` in its own process with {args.latency[0] * 1000:.0f}-"
         f"{args.latency[1] * 1000:.0f} ms injected per request; both tools resize to short side 256 keeping "
         "the ratio, never upsampling, JPEG quality 90, webdataset tars, 2 processes, "
         f"{args.shard_size} URLs per shard, no retries. `bench/download.py`. Ours runs the `DownloadStage` "

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import report  # noqa: E402  (bench/report.py: sys.path[0] is bench/)
 from tasks.config import PhrasesConfig  # noqa: E402
-from tasks import phrases  # noqa: E402
-from tasks.phrases import PhraseParser  # noqa: E402
+from tasks.annotate import phrases  # noqa: E402
+from tasks.annotate.phrases import PhraseParser  # noqa: E402
 
 ANCHOR = "about 3.2k words/s full pipeline single process, 10k words/s NER+lemmatizer off on 2 processes"
 

@@ -33,8 +33,8 @@ from model import get_preset  # noqa: E402
 from model.tokenizer import build_local_tokenizer  # noqa: E402
 from storage import ShardWriter, make_key  # noqa: E402
 from tasks.config import TrainConfig  # noqa: E402
-from tasks.train_data import SampleTransform, TrainSamples, iter_texts, make_loader  # noqa: E402
-from tests.train_fixtures import sample_record  # noqa: E402
+from tasks.train.data import SampleTransform, TrainSamples, iter_texts, make_loader  # noqa: E402
+from tasks.demo.train_shards import sample_record  # noqa: E402
 
 # preset -> (train overrides, what the views are)
 CASES = {

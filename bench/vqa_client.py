@@ -1,6 +1,6 @@
 """VQA client throughput against the loopback OpenAI-compatible server (is the client ever the bottleneck?).
 
-Starts ``python -m tests.openai_server --latency L --tokens T`` in its own process (it
+Starts ``python -m tasks.demo.openai_server --latency L --tokens T`` in its own process (it
 does not share the client's GIL), then sends the VQA stage's real requests (the
 paper's prompt, the JSON schema, 500 max tokens) through ``OpenAIBackend`` at each
 concurrency and reports requests/s and completion tokens/s. Every answer waits
@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 import report  # noqa: E402  (bench/report.py)
 from tasks.config import VqaConfig  # noqa: E402
-from tasks.vqa_backends import OpenAIBackend, free_port  # noqa: E402
-from tasks.vqa_parse import build_messages, parse_qa  # noqa: E402
+from tasks.annotate.vqa_backends import OpenAIBackend, free_port  # noqa: E402
+from tasks.annotate.vqa_parse import build_messages, parse_qa  # noqa: E402
 
 
 
@@ -76,7 +76,7 @@ def write_section(rows: list[dict], latency: float, tokens: int, load: float) ->
         "## vqa client",
         "",
         f"`OpenAIBackend` (aiohttp, the stage's real request: paper prompt, JSON schema, max_tokens 500; answers "
-        f"parsed) against `tests/openai_server.py` in its own process, which waits {latency * 1000:.0f} ms per "
+        f"parsed) against `tasks/demo/openai_server.py` in its own process, which waits {latency * 1000:.0f} ms per "
         f"answer and reports {tokens} completion tokens. Anchor: the ideal rate concurrency / latency "
         f"(= {1 / latency:.0f} x concurrency requests/s); the fraction reached is what the client and the "
         "loopback server cost. Interpretation: a real vLLM server answers Phi-3.5 VQA requests in seconds "
@@ -109,7 +109,7 @@ def main() -> None:
     args = ap.parse_args()
     load = os.getloadavg()[0]
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tests.openai_server", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "tasks.demo.openai_server", "--port", str(port),
                                "--latency", str(args.latency), "--tokens", str(args.tokens)],
                               cwd=REPO, stdout=subprocess.DEVNULL)
     try:

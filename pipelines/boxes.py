@@ -6,7 +6,7 @@ from prefect import flow
 
 from pipelines.common import resolve_config
 from pipelines.stage_flow import run_stage_flow
-from tasks.boxes import BoxesStage
+from tasks.annotate.boxes import BoxesStage
 from tasks.config import PipelineConfig
 
 

@@ -6,7 +6,7 @@ from prefect import flow
 
 from pipelines.common import resolve_config
 from pipelines.stage_flow import run_stage_flow
-from tasks.captions import CaptionsStage
+from tasks.captions.stage import CaptionsStage
 from tasks.config import PipelineConfig
 
 

@@ -60,7 +60,7 @@ def print_summaries(summaries: dict[str, dict]) -> None:
             plots = f"  (plots: {s['run_dir']}/plots)" if s.get("run_dir") else ""
             typer.echo(f"  {'':<10} checkpoint: {s['checkpoint']}{plots}")
         if s.get("metrics"):
-            from tasks.evaluate import describe_retrieval
+            from tasks.evaluate.stage import describe_retrieval
 
             for line in describe_retrieval(s["metrics"]):
                 typer.echo(f"  {'':<10} {line}")
@@ -106,14 +106,14 @@ def demo(workdir: Path = typer.Option(Path("demo-run"), help="Where the demo's s
 def export(checkpoint: Path = typer.Argument(..., help="A training checkpoint directory (or its checkpoint.pt)."),
            out_dir: Path = typer.Argument(..., help="Where to write the Hugging Face CLIP checkpoint.")) -> None:
     """Write the student's towers as a Hugging Face CLIP checkpoint plus the pooling block."""
-    from tasks.export import export_checkpoint
+    from tasks.evaluate.export import export_checkpoint
 
     try:
         written = export_checkpoint(checkpoint, out_dir)
     except ValueError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"exported to {written}: CLIPModel.from_pretrained('{written}'); tasks.export.load_exported for scoring")
+    typer.echo(f"exported to {written}: CLIPModel.from_pretrained('{written}'); tasks.evaluate.export.load_exported for scoring")
 
 
 @app.command("config")

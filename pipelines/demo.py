@@ -1,6 +1,6 @@
 """``goldiclip demo``: the whole pipeline on the embedded synthetic set, offline, on CPU.
 
-Generates coloured shapes with DreamLIP-style captions (tasks/demo_source.py),
+Generates coloured shapes with DreamLIP-style captions (tasks/demo/source.py),
 serves them on a loopback HTTP server so the download stage downloads for real,
 and runs the DAG through Prefect on the ``demo`` preset with its paths pointed
 into ``WORKDIR``. Everything it writes stays under ``WORKDIR``: the source set,
@@ -26,7 +26,7 @@ DEMO_EVAL_SET = "demo_pairs"
 @contextlib.contextmanager
 def _serve_on_a_stable_port(source_dir: Path):
     """Serve the source, reusing the last run's port so URLs, and so fingerprints, stay the same."""
-    from tasks.demo_source import serve_directory
+    from tasks.demo.source import serve_directory
 
     port_file = source_dir / PORT_FILE
     port = int(port_file.read_text()) if port_file.exists() else 0
@@ -52,7 +52,7 @@ def save_stand_in_models(models_dir: Path) -> dict[str, Path]:
     offline; the stages load them through the same ``from_pretrained`` path as
     real weights. Their boxes and answers are meaningless.
     """
-    from tasks.standin_models import save_tiny_owlv2, save_tiny_phi3
+    from tasks.demo.standin_models import save_tiny_owlv2, save_tiny_phi3
 
     paths = {"owlv2": models_dir / "owlv2-tiny-random", "phi3": models_dir / "phi3-tiny-random"}
     for name, save in (("owlv2", save_tiny_owlv2), ("phi3", save_tiny_phi3)):
@@ -82,7 +82,7 @@ def run_demo(workdir: Path, *, num_images: int = 400) -> dict:
     os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
     from pipelines.cli import print_summaries
     from pipelines.dag import goldiclip_pipeline
-    from tasks.demo_source import generate_demo_source, write_url_lists
+    from tasks.demo.source import generate_demo_source, write_url_lists
 
     source_dir = workdir / "source"
     typer.secho(f"[demo] generating {num_images} synthetic images in {source_dir}", bold=True)
@@ -99,7 +99,7 @@ def run_demo(workdir: Path, *, num_images: int = 400) -> dict:
     print_summaries(summaries)
     metrics = summaries.get("evaluate", {}).get("metrics", {})
     if metrics:
-        from tasks.evaluate import metrics_path
+        from tasks.evaluate.stage import metrics_path
 
         typer.secho(f"\n[demo] held-out retrieval ({summaries['evaluate']['counts'][f'{DEMO_EVAL_SET}/images']} "
                     f"images never seen in training; {metrics_path(config)}):", bold=True)

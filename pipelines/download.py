@@ -7,7 +7,7 @@ from prefect import flow
 from pipelines.common import resolve_config
 from pipelines.stage_flow import run_stage_flow
 from tasks.config import PipelineConfig
-from tasks.download import DownloadStage
+from tasks.download.stage import DownloadStage
 
 
 @flow(name="download", log_prints=True)

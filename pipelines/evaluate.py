@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.common import resolve_config
 from tasks.config import EvalDatasetConfig, EvaluateConfig, PipelineConfig
-from tasks.evaluate import describe_retrieval, evaluate_one_set, metrics_path, run_evaluation, stage_summary
+from tasks.evaluate.stage import describe_retrieval, evaluate_one_set, metrics_path, run_evaluation, stage_summary
 
 
 @task(cache_policy=NO_CACHE)

@@ -7,7 +7,7 @@ from prefect import flow
 from pipelines.common import resolve_config
 from pipelines.stage_flow import run_stage_flow
 from tasks.config import PipelineConfig
-from tasks.phrases import PhrasesStage
+from tasks.annotate.phrases import PhrasesStage
 
 
 @flow(name="phrases", log_prints=True)

@@ -7,7 +7,7 @@ from prefect import flow
 from pipelines.common import resolve_config
 from pipelines.stage_flow import run_stage_flow
 from tasks.config import PipelineConfig
-from tasks.training_shards import TrainingShardsStage
+from tasks.shards import TrainingShardsStage
 
 
 @flow(name="shards", log_prints=True)

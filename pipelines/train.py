@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from pipelines.common import resolve_config
 from storage import DatasetLayout, join, open_fs, read_json, write_json
 from tasks.config import ConfigError, PipelineConfig
-from tasks.train import (
+from tasks.train.loop import (
     DATA_POSITION_FILE,
     build_trainer,
     checkpoint_step,
@@ -36,8 +36,8 @@ from tasks.train import (
     validate_train_config,
 )
 from tasks.ray_actors import start_ray
-from tasks.train_data import train_shard_urls
-from tasks.train_report import final_table, plot_metrics
+from tasks.train.data import train_shard_urls
+from tasks.train.report import final_table, plot_metrics
 
 POLL_SECONDS = 2.0
 

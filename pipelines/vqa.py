@@ -7,7 +7,7 @@ from prefect import flow, get_run_logger
 from pipelines.common import resolve_config
 from pipelines.stage_flow import run_stage_flow
 from tasks.config import PipelineConfig
-from tasks.vqa import VqaStage
+from tasks.annotate.vqa import VqaStage
 
 
 @flow(name="vqa", log_prints=True)

@@ -46,6 +46,6 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def owl_dir(tmp_path_factory):
     """A tiny random OWLv2 saved like a real checkpoint (model + processor), for the boxes tests."""
-    from tasks.standin_models import save_tiny_owlv2
+    from tasks.demo.standin_models import save_tiny_owlv2
 
     return str(save_tiny_owlv2(tmp_path_factory.mktemp("owlv2-tiny")))

@@ -1,6 +1,6 @@
 """The vqa stage against a real ``vllm serve``, started and stopped by its managed-server mode.
 
-The loopback server in ``tests/openai_server.py`` proves the client; this proves
+The loopback server in ``tasks/demo/openai_server.py`` proves the client; this proves
 it against vLLM itself: its start-up and ``/health``, its request and
 structured-output dialect, its answers, and what happens when it dies. The
 server is vLLM's CPU build from ``make vllm-env`` (``.venv-vllm``; or the
@@ -30,10 +30,10 @@ from storage import DatasetLayout, read_table
 from storage.tables import VQA
 from tasks.config import load_config
 from tasks.stage import run_stage
-from tasks.vqa import VqaStage
-from tasks.vqa_backends import OpenAIBackend, VqaServerUnavailable
-from tasks.vqa_parse import QA_SCHEMA, build_messages, parse_qa
-from tests.tasks.test_vqa import gone, make_captions
+from tasks.annotate.vqa import VqaStage
+from tasks.annotate.vqa_backends import OpenAIBackend, VqaServerUnavailable
+from tasks.annotate.vqa_parse import QA_SCHEMA, build_messages, parse_qa
+from tests.tasks.annotate.test_vqa import gone, make_captions
 
 pytestmark = pytest.mark.vllm
 
@@ -63,7 +63,7 @@ def vllm_config(root: Path, model_dir: Path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from tasks.standin_models import save_tiny_phi3
+    from tasks.demo.standin_models import save_tiny_phi3
 
     return save_tiny_phi3(tmp_path_factory.mktemp("phi3-tiny"))
 

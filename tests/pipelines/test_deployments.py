@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from storage import DatasetLayout, iter_shard
-from tests.httpserver import LoopbackServer, Reply, image_bytes
+from tasks.demo.http_server import LoopbackServer, Reply, image_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))

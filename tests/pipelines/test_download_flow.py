@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from storage import DatasetLayout, StageRecords, iter_shard, read_table
-from tests.httpserver import LoopbackServer, Reply, closed_port, image_bytes, redirect
+from tasks.demo.http_server import LoopbackServer, Reply, closed_port, image_bytes, redirect
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from storage import read_json
-from tasks.train import (
+from tasks.train.loop import (
     CHECKPOINT_FILE,
     STARTS_FILE,
     TEST_FAIL_ONCE_ENV,
@@ -29,7 +29,7 @@ from tasks.train import (
     latest_checkpoint_on_storage,
     read_metrics,
 )
-from tests.train_fixtures import write_train_shards
+from tasks.demo.train_shards import write_train_shards
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,1 @@
+"""The annotation stages: spaCy phrases, OWLv2 boxes, VQA generation (backends, prompt and parser)."""

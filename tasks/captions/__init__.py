@@ -1,0 +1,1 @@
+"""captions: the DreamLIP CSV reader (``dreamlip``) and the stage that joins captions to images."""

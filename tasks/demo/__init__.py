@@ -1,0 +1,1 @@
+"""What only the demo, tests and benchmarks use: the synthetic source, stand-in models, loopback servers."""

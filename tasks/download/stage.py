@@ -1,0 +1,194 @@
+"""Download stage: URL lists -> ``images/{shard}.tar`` + ``images/{shard}.parquet``.
+
+Open-30M (METHOD.md sec. 7) is CC3M + CC12M + YFCC15M URL lists. ``prepare``
+streams every list once, drops duplicate URLs and splits the rest into URL
+shards of ``shard_size`` (``sources/shards/{shard}.parquet``); a manifest written
+last makes the split idempotent. Each shard is then fetched in a worker process
+(async HTTP with bounded concurrency inside it, ``processes`` of them per
+machine), and the worker writes the tar and the table of every URL tried.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import multiprocessing as mp
+import threading
+from collections import Counter
+
+from storage import DatasetLayout, ShardWriter, make_key, read_json, read_table, write_json, write_table
+from storage.fs import join
+from tasks.config import DownloadConfig, PipelineConfig, fingerprint
+from tasks.download.fetch import FetchConfig, fetch_shard
+from tasks.stage import ShardOutcome, Stage
+from tasks.download.url_lists import UrlRecord, dedupe_urls, read_url_list, shard_records
+
+
+def fetch_config(cfg: DownloadConfig) -> FetchConfig:
+    return FetchConfig(
+        timeout_s=cfg.timeout_s,
+        retries=cfg.retries,
+        backoff_s=cfg.backoff_s,
+        max_bytes=cfg.max_bytes,
+        concurrency=cfg.concurrency,
+        user_agent=cfg.user_agent,
+        allow_private_addresses=cfg.allow_private_addresses,
+        max_redirects=cfg.max_redirects,
+        short_side=cfg.short_side,
+        jpeg_quality=cfg.jpeg_quality,
+        min_side=cfg.min_side,
+    )
+
+
+def split_sources(config: PipelineConfig) -> dict:
+    """Stream the URL lists into URL shards; returns (and writes last) the manifest.
+
+    Deterministic: the same lists and shard size always give the same shards, so a
+    split killed midway is simply redone.
+    """
+    layout = DatasetLayout(config.dataset.root)
+    sources = [s.model_dump(mode="json") for s in config.sources]
+    split_fp = fingerprint(sources, config.download.shard_size)
+    manifest_url = join(layout.root, "sources", "manifest.json")
+    manifest = read_json(manifest_url)
+    if manifest and manifest.get("fingerprint") == split_fp:
+        return manifest
+    if not config.sources:
+        raise ValueError("config has no sources: add at least one URL list under `sources:`")
+
+    counts: Counter = Counter()
+    per_source: Counter = Counter()
+
+    def records():
+        for src in config.sources:
+            taken = 0
+            for path in src.paths:
+                for rec in read_url_list(path, src.format, src.name, counts=counts):
+                    if src.max_urls is not None and taken >= src.max_urls:
+                        break
+                    taken += 1
+                    per_source[src.name] += 1
+                    yield rec
+
+    num_shards = 0
+    for shard_id, batch in enumerate(shard_records(dedupe_urls(records(), counts), config.download.shard_size)):
+        rows = [{"index": i, "url": r.url, "caption": r.caption, "source": r.source} for i, r in enumerate(batch)]
+        write_table(layout.url_shard(shard_id), rows, "urls")
+        num_shards += 1
+    manifest = {
+        "fingerprint": split_fp,
+        "num_shards": num_shards,
+        "urls_per_source": dict(per_source),
+        "list_counts": dict(counts),
+    }
+    write_json(manifest_url, manifest)
+    return manifest
+
+
+def download_shard(root: str, shard: str, cfg: DownloadConfig) -> tuple[dict, dict]:
+    """Fetch one URL shard and write its tar and table. Runs inside a worker process."""
+    layout = DatasetLayout(root)
+    urls = read_table(layout.url_shard(shard)).to_pylist()
+    results = fetch_shard([u["url"] for u in urls], fetch_config(cfg))
+    counts: Counter = Counter(urls=len(urls))
+    failures: Counter = Counter()
+    rows = []
+    with ShardWriter(layout.images_tar(shard)) as tar:
+        for u, res in zip(urls, results, strict=True):
+            key = None
+            if res.status == "ok":
+                key = make_key(shard, u["index"])
+                meta = {
+                    "key": key,
+                    "url": u["url"],
+                    "source": u["source"],
+                    "caption": u["caption"],
+                    "width": res.width,
+                    "height": res.height,
+                    "orig_width": res.orig_width,
+                    "orig_height": res.orig_height,
+                    "sha256": res.sha256,
+                }
+                tar.write(key, {"jpg": res.jpeg, "json": meta})
+                counts["ok"] += 1
+            else:
+                failures[res.error] += 1
+                counts["failed"] += 1
+            rows.append(
+                {
+                    "key": key,
+                    "index": u["index"],
+                    "url": u["url"],
+                    "source": u["source"],
+                    "caption": u["caption"],
+                    "status": res.status,
+                    "error": res.error,
+                    "http_status": res.http_status,
+                    "orig_width": res.orig_width,
+                    "orig_height": res.orig_height,
+                    "width": res.width,
+                    "height": res.height,
+                    "bytes_downloaded": res.bytes_downloaded,
+                    "sha256": res.sha256,
+                    "attempts": res.attempts,
+                }
+            )
+    # The table is written after the tar: a shard with a table has a complete tar.
+    write_table(layout.images_table(shard), rows, "downloads")
+    return dict(counts), dict(failures)
+
+
+class _WorkerPool:
+    """One process pool per driver process, created on first use, sized by ``processes``."""
+
+    _lock = threading.Lock()
+    _pool: cf.ProcessPoolExecutor | None = None
+    _size = 0
+
+    @classmethod
+    def get(cls, size: int) -> cf.ProcessPoolExecutor:
+        with cls._lock:
+            if cls._pool is None or cls._size != size:
+                if cls._pool is not None:
+                    cls._pool.shutdown(wait=True)
+                # spawn, not fork: the driver holds threads (Prefect, event loops).
+                cls._pool = cf.ProcessPoolExecutor(max_workers=size, mp_context=mp.get_context("spawn"))
+                cls._size = size
+            return cls._pool
+
+
+class DownloadStage(Stage):
+    name = "download"
+    throughput_count = "urls"
+
+    @property
+    def section(self) -> DownloadConfig:
+        return self.config.download
+
+    @property
+    def parallel_shards(self) -> int:
+        return self.section.processes
+
+    @functools.cached_property
+    def manifest(self) -> dict:
+        return split_sources(self.config)
+
+    def prepare(self) -> None:
+        self.manifest  # noqa: B018 - splits the URL lists once, before any shard
+
+    def extra_fingerprint(self):
+        return self.manifest["fingerprint"]
+
+    def summary_extra(self) -> dict:
+        return {"url_lists": self.manifest}
+
+    def list_shards(self) -> list[str]:
+        return [f"{i:05d}" for i in range(self.manifest["num_shards"])]
+
+    def process(self, shard: str) -> ShardOutcome:
+        pool = _WorkerPool.get(self.section.processes)
+        counts, failures = pool.submit(download_shard, self.layout.root, shard, self.section).result()
+        return ShardOutcome(Counter(counts), Counter(failures))
+
+
+__all__ = ["DownloadStage", "UrlRecord", "download_shard", "split_sources"]

@@ -1,0 +1,187 @@
+"""Boxes on a pool of real Ray actors (a local Ray, CPU actors, the tiny random OWLv2).
+
+The actors must write what a local run writes, each load the model once for all
+the shards it takes, carry the stage's own exception types back to the flow, and
+survive a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from storage import DatasetLayout, read_table, write_table
+from tasks.annotate.boxes import BoxesStage
+from tasks.config import PipelineConfig
+from tasks.ray_actors import ShardActorPool
+from tasks.stage import run_stage
+from tasks.annotate.vqa_backends import free_port
+from tests.tasks.annotate.test_boxes import make_shard
+
+SHARDS = 3
+ACTORS = {"executor": "ray", "num_actors": 2, "num_gpus_per_actor": 0, "num_cpus_per_actor": 1}
+
+
+def boxes_config(root, owl_dir, **actors) -> PipelineConfig:
+    return PipelineConfig.model_validate({
+        "dataset": {"root": str(root)},
+        "boxes": {"model": owl_dir, "batch_size": 2, "score_threshold": 0.0, "actors": {**ACTORS, **actors}},
+    })
+
+
+def boxes_rows(root, shard: str) -> list[dict]:
+    return read_table(DatasetLayout(str(root)).annotation("boxes", shard)).to_pylist()
+
+
+def assert_same_boxes(a: list[dict], b: list[dict]) -> None:
+    assert [r["key"] for r in a] == [r["key"] for r in b]
+    for ra, rb in zip(a, b):
+        assert [x["phrase"] for x in ra["boxes"]] == [x["phrase"] for x in rb["boxes"]]
+        for xa, xb in zip(ra["boxes"], rb["boxes"]):
+            for k in ("x0", "y0", "x1", "y1", "score"):
+                assert xa[k] == pytest.approx(xb[k], rel=1e-4, abs=1e-4)
+
+
+def test_flow_on_actors_writes_what_a_local_run_writes(prefect_harness, ray_cluster, tmp_path, owl_dir):
+    from pipelines.boxes import boxes_flow
+
+    for root in (tmp_path / "local", tmp_path / "ray"):
+        for shard in range(SHARDS):
+            make_shard(str(root), shard)
+    local = run_stage(BoxesStage(boxes_config(tmp_path / "local", owl_dir, executor="local")))
+
+    summary = boxes_flow(boxes_config(tmp_path / "ray", owl_dir))
+    assert summary["counts"] == local["counts"] and summary["failures"] == local["failures"]
+    for shard in (f"{i:05d}" for i in range(SHARDS)):
+        assert_same_boxes(boxes_rows(tmp_path / "ray", shard), boxes_rows(tmp_path / "local", shard))
+
+    actors = summary["actors"]
+    assert len(actors) == 2 and len({a["pid"] for a in actors}) == 2
+    assert sorted(s for a in actors for s in a["shards"]) == [f"{i:05d}" for i in range(SHARDS)]
+    # Each actor that took a shard loaded the model once, on its own device.
+    assert all(a["device"] == "cpu" for a in actors if a["shards"])
+
+    again = boxes_flow(boxes_config(tmp_path / "ray", owl_dir))
+    assert again["last_run"]["skipped"] == [f"{i:05d}" for i in range(SHARDS)] and "actors" not in again
+
+
+def test_pool_keeps_exception_types_and_survives_an_actor_restart(ray_cluster, tmp_path, owl_dir):
+    import ray
+
+    root = tmp_path / "root"
+    for shard in range(2):
+        make_shard(str(root), shard)
+    layout = DatasetLayout(str(root))
+    with open(layout.annotation("phrases", "00001"), "wb") as f:
+        f.write(b"PAR1 not a parquet file")
+    config = boxes_config(root, owl_dir, num_actors=1, max_restarts=1)
+    stage = BoxesStage(config)
+    pool = ShardActorPool(stage, config.boxes.actors)
+    try:
+        # A corrupt input is the stage's error (not Ray's): the flow's retry rule sees its real type.
+        with pytest.raises(pa.ArrowInvalid):
+            pool.run_shard("00001")
+        first_pid = pool.describe()[0]["pid"]
+        ray.kill(pool.actors[0], no_restart=False)  # the process dies; Ray starts a fresh one
+        result = pool.run_shard("00000")
+        assert not result.skipped and result.counts["images"] == 5
+        assert pool.describe()[0]["pid"] != first_pid
+        assert stage.records.get("00000").counts == result.counts  # written by the actor, read here
+        write_table(layout.annotation("phrases", "00001"), [], "phrases")
+        assert pool.run_shard("00001").counts.get("images", 0) == 5
+    finally:
+        pool.close()
+
+
+def test_vqa_generates_on_actors_what_it_generates_in_process(prefect_harness, ray_cluster, tmp_path):
+    from pipelines.vqa import vqa_flow
+    from tasks.demo.standin_models import save_tiny_phi3
+    from tasks.annotate.vqa import VqaStage
+    from tests.tasks.annotate.test_vqa import make_captions
+
+    model_dir = str(save_tiny_phi3(tmp_path / "phi3-tiny"))
+    captions = [["a red circle", "a star"], ["a blue square on a green background", "two circles"]]
+    for root in (tmp_path / "local", tmp_path / "ray"):
+        for shard, texts in enumerate(captions):
+            make_captions(str(root), shard, texts)
+
+    def config(root, **actors):
+        return PipelineConfig.model_validate({"dataset": {"root": str(root)}, "vqa": {
+            "backend": "transformers", "model": model_dir, "max_new_tokens": 8,
+            "actors": {**ACTORS, **actors}}})
+
+    local = run_stage(VqaStage(config(tmp_path / "local", executor="local")))
+    summary = vqa_flow(config(tmp_path / "ray"))
+    assert summary["counts"] == local["counts"] and summary["counts"]["generated_tokens"] > 0
+    for shard in ("00000", "00001"):
+        outputs = [read_table(DatasetLayout(str(root)).annotation("vqa", shard)).column("raw_output").to_pylist()
+                   for root in (tmp_path / "local", tmp_path / "ray")]
+        assert outputs[0] == outputs[1]  # greedy decoding: the same text
+    assert sorted(s for a in summary["actors"] for s in a["shards"]) == ["00000", "00001"]
+
+
+def test_vqa_on_actors_needs_the_in_process_backend():
+    with pytest.raises(ValueError, match="vqa.backend: transformers"):
+        PipelineConfig.model_validate({"dataset": {"root": "x"}, "vqa": {"actors": {"executor": "ray"}}})
+
+
+def test_an_actor_that_cannot_fit_on_the_local_ray_fails_fast(ray_cluster, tmp_path, owl_dir):
+    from tasks.config import ConfigError
+    from tasks.ray_actors import shard_runner
+
+    stage = BoxesStage(boxes_config(tmp_path, owl_dir, num_gpus_per_actor=1))  # the local Ray has no GPU
+    with pytest.raises(ConfigError, match="boxes.actors: each actor asks for 1 GPU, the local Ray has 0"):
+        shard_runner(stage)
+    local = BoxesStage(boxes_config(tmp_path, owl_dir, executor="local"))
+    assert shard_runner(local) is local
+
+
+def test_joining_a_cluster_ships_the_drivers_code(tmp_path):
+    """A real Ray head (`ray start --head`), a driver that joins it: workers import the shipped copy."""
+    port, agent_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="gc-ray-head-")  # short: Ray puts its sockets there
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--num-cpus=1", "--include-dashboard=false", f"--dashboard-agent-listen-port={agent_port}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    driver = textwrap.dedent(f"""
+        import json, ray
+        from tasks.config import RayConfig
+        from tasks.ray_actors import start_ray
+
+        start_ray(RayConfig(address="127.0.0.1:{port}"))
+
+        @ray.remote(num_cpus=1)
+        def imported_from():
+            import model, storage, tasks
+            return [m.__file__ for m in (model, storage, tasks)]
+
+        print(json.dumps(ray.get(imported_from.remote(), timeout=120)))
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=240)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        files = json.loads(done.stdout.strip().splitlines()[-1])
+        checkout = str(Path(__file__).resolve().parents[2])
+        assert len(files) == 3 and all("runtime_resources" in f and not f.startswith(checkout) for f in files)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
