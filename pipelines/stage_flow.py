@@ -36,20 +36,30 @@ def _retry_on_io_error(task, task_run, state) -> bool:
     return False
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_on_io_error)
-def process_shard(stage: Stage, runner: Stage | ShardActorPool, shard: str, force: bool) -> ShardResult:
-    result = runner.run_shard(shard, force=force)
-    failed = sum(result.failures.values())
-    get_run_logger().info(
-        "%s shard %s: %s; %d failed %s in %.1fs",
-        stage.name,
-        shard,
-        dict(result.counts),
-        failed,
-        dict(result.failures) if failed else "",
-        result.seconds,
-    )
-    return result
+def shard_task(stage: Stage, runner: Stage | ShardActorPool):
+    """The stage's Prefect task (``download_shard``, ``detect_boxes``, ...) over plain parameters.
+
+    The stage and its runner (the stage itself, or a Ray actor pool) are bound here, so a
+    task run's parameters are just the shard and ``force`` and its name says what ran.
+    """
+
+    def run(shard: str, force: bool) -> ShardResult:
+        result = runner.run_shard(shard, force=force)
+        failed = sum(result.failures.values())
+        get_run_logger().info(
+            "%s shard %s: %s; %d failed %s in %.1fs",
+            stage.name,
+            shard,
+            dict(result.counts),
+            failed,
+            dict(result.failures) if failed else "",
+            result.seconds,
+        )
+        return result
+
+    run.__name__ = run.__qualname__ = stage.task_name
+    return task(run, name=stage.task_name, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
+                retry_condition_fn=_retry_on_io_error)
 
 
 def _artifact_key(stage: Stage, what: str) -> str:
@@ -128,9 +138,10 @@ def run_stage_flow(stage: Stage, *, force: bool = False) -> dict:
         logger.info("%s: %d shards on %d Ray actors", stage.name, len(pending), pool.size)
     try:
         with ThreadPoolTaskRunner(max_workers=pool.size if pool else stage.parallel_shards) as task_runner:
+            run_shard = shard_task(stage, runner)
             futures = {
-                task_runner.submit(process_shard.with_options(task_run_name=f"{stage.name}-{s}"),
-                                   {"stage": stage, "runner": runner, "shard": s, "force": force}): s
+                task_runner.submit(run_shard.with_options(task_run_name=f"{stage.task_name}-{s}"),
+                                   {"shard": s, "force": force}): s
                 for s in pending
             }
             for future in as_completed(list(futures)):

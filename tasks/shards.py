@@ -98,6 +98,7 @@ def sample_json(meta: dict, captions: dict | None, phrases: list | None, boxes: 
 
 class TrainingShardsStage(Stage):
     name = "shards"
+    task_name = "write_training_shard"
     throughput_count = "samples"
     upstream = ("download", *ANNOTATIONS)
 

@@ -40,6 +40,9 @@ class Stage(ABC):
     """One stage of the pipeline over the shards of a dataset root."""
 
     name: str
+    # The Prefect task run per shard, verb_noun (``download_shard``, ``detect_boxes``), so the
+    # UI and the logs say what ran.
+    task_name: str
     # Stages whose per-shard records feed this stage's fingerprint.
     upstream: tuple[str, ...] = ()
     # The count whose rate (per second) the orchestrator reports, e.g. "images".

@@ -278,6 +278,7 @@ def detect_shard(detector: OwlDetector, tar_url: str, phrases_by_key: dict[str, 
 
 class BoxesStage(Stage):
     name = "boxes"
+    task_name = "detect_boxes"
     throughput_count = "images"
     upstream = ("download", "phrases")
 

@@ -240,6 +240,7 @@ def merge_phrases(per_field: list[tuple[str, list[Phrase]]], limit: int) -> list
 
 class PhrasesStage(Stage):
     name = "phrases"
+    task_name = "extract_phrases"
     throughput_count = "words"
     upstream = ("captions",)
 

@@ -30,6 +30,7 @@ from tasks.annotate.vqa_parse import build_messages, parse_qa
 
 class VqaStage(Stage):
     name = "vqa"
+    task_name = "generate_qa"
     throughput_count = "images"
     upstream = ("captions",)
 

@@ -60,6 +60,7 @@ def url_shard_index(layout: DatasetLayout, num_shards: int) -> UrlShardIndex:
 
 class CaptionsStage(Stage):
     name = "captions"
+    task_name = "join_captions"
     throughput_count = "images"
     upstream = ("download",)
 

@@ -159,6 +159,7 @@ class _WorkerPool:
 
 class DownloadStage(Stage):
     name = "download"
+    task_name = "download_shard"
     throughput_count = "urls"
 
     @property
