@@ -163,6 +163,12 @@ class RayConfig(Section):
         description="Session directory of a local Ray (default <tmp>/goldiclip-ray); keep it short, Ray puts "
         "its sockets there.",
     )
+    node_ip_address: str | None = Field(
+        default=None,
+        description="Address of this process's Ray node. None: 127.0.0.2 for a local Ray (Ray rewrites "
+        "127.0.0.1 to the host's network address; any other 127.x keeps every Ray message on loopback), "
+        "Ray's own choice when joining a cluster.",
+    )
     ship_code: bool = Field(
         default=True,
         description="Joining a cluster: upload this checkout's tasks/, model/ and storage/ with the job (Ray "

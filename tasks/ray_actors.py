@@ -20,18 +20,23 @@ from tasks.config import ActorPoolConfig, ConfigError, PipelineConfig, RayConfig
 from tasks.stage import ShardResult, Stage
 
 
+LOCAL_NODE_IP = "127.0.0.2"  # loopback that Ray does not rewrite to the host's address (127.0.0.1 it does)
+
+
 def start_ray(settings: RayConfig) -> None:
-    """Join ``ray.address``, or start a local Ray (no dashboard) unless one is running."""
+    """Join ``ray.address``, or start a local Ray (no dashboard, on loopback) unless one is running."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if settings.address:
-        ray.init(address=settings.address, runtime_env=project_runtime_env() if settings.ship_code else None)
+        ray.init(address=settings.address, _node_ip_address=settings.node_ip_address,
+                 runtime_env=project_runtime_env() if settings.ship_code else None)
         return
     temp_dir = settings.temp_dir or os.path.join(tempfile.gettempdir(), "goldiclip-ray")
-    ray.init(num_cpus=settings.num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    ray.init(num_cpus=settings.num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+             _node_ip_address=settings.node_ip_address or LOCAL_NODE_IP)
 
 
 def project_runtime_env() -> dict:

@@ -36,9 +36,11 @@ def ray_cluster():
     """A local Ray (2 CPUs, no dashboard) shared by every Ray test in the session."""
     import ray
 
+    from tasks.config import RayConfig
+    from tasks.ray_actors import start_ray
+
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")  # one Ray per test process
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=os.path.join(tempfile.gettempdir(), f"goldiclip-ray-tests-{worker}"))
+    start_ray(RayConfig(num_cpus=2, temp_dir=os.path.join(tempfile.gettempdir(), f"goldiclip-ray-tests-{worker}")))
     yield
     ray.shutdown()
 

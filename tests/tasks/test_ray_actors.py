@@ -146,13 +146,28 @@ def test_an_actor_that_cannot_fit_on_the_local_ray_fails_fast(ray_cluster, tmp_p
     assert shard_runner(local) is local
 
 
+def test_local_ray_stays_on_loopback(ray_cluster):
+    """Ray rewrites 127.0.0.1 to the host's address; the project's local Ray pins 127.0.0.2 instead."""
+    import ipaddress
+
+    import psutil
+    import ray
+
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.2"}
+    ray.get(ray.remote(lambda: None).remote(), timeout=60)  # the driver has talked to a worker
+    peers = [ipaddress.ip_address(c.raddr.ip) for c in psutil.Process().net_connections(kind="inet") if c.raddr]
+    peers = [getattr(ip, "ipv4_mapped", None) or ip for ip in peers]  # ::ffff:127.0.0.2 is 127.0.0.2
+    assert peers and all(ip.is_loopback for ip in peers), peers
+
+
 def test_joining_a_cluster_ships_the_drivers_code(tmp_path):
     """A real Ray head (`ray start --head`), a driver that joins it: workers import the shipped copy."""
     port, agent_port = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="gc-ray-head-")  # short: Ray puts its sockets there
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-         "--num-cpus=1", "--include-dashboard=false", f"--dashboard-agent-listen-port={agent_port}",
+         "--node-ip-address=127.0.0.2", "--num-cpus=1", "--include-dashboard=false",
+         f"--dashboard-agent-listen-port={agent_port}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -161,7 +176,7 @@ def test_joining_a_cluster_ships_the_drivers_code(tmp_path):
         from tasks.config import RayConfig
         from tasks.ray_actors import start_ray
 
-        start_ray(RayConfig(address="127.0.0.1:{port}"))
+        start_ray(RayConfig(address="127.0.0.2:{port}", node_ip_address="127.0.0.2"))
 
         @ray.remote(num_cpus=1)
         def imported_from():
