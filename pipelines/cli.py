@@ -116,6 +116,27 @@ def export(checkpoint: Path = typer.Argument(..., help="A training checkpoint di
     typer.echo(f"exported to {written}: CLIPModel.from_pretrained('{written}'); tasks.evaluate.export.load_exported for scoring")
 
 
+@app.command("status")
+def status(config: Path | None = ConfigOpt, preset: str | None = PresetOpt, set_: list[str] = SetOpt,
+           as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON (for scripts).")) -> None:
+    """Where the pipeline stands: a row per stage, read from the dataset root (no Prefect server needed)."""
+    from tasks.overview import overview_json, overview_table, pipeline_overview
+
+    _, cfg = _load(config, preset, set_)
+    rows = pipeline_overview(cfg)
+    if as_json:
+        json.dump(overview_json(rows), sys.stdout, indent=2)
+        typer.echo()
+        return
+    table = overview_table(rows)
+    columns = [c for c in table[0] if c != "artifacts"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in table)) for c in columns}
+    typer.echo(f"dataset root: {cfg.dataset.root}")
+    typer.echo("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in table:
+        typer.echo("  ".join(str(r[c]).ljust(widths[c]) for c in columns))
+
+
 @app.command("config")
 def show_config(config: Path | None = ConfigOpt, preset: str | None = PresetOpt, set_: list[str] = SetOpt) -> None:
     """Validate a config and print it with every default filled in."""

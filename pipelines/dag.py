@@ -9,6 +9,7 @@ from pipelines.captions import captions_flow
 from pipelines.common import resolve_config
 from pipelines.download import download_flow
 from pipelines.evaluate import evaluate_flow
+from pipelines.overview import publish_overview
 from pipelines.phrases import phrases_flow
 from pipelines.shards import shards_flow
 from pipelines.train import train_flow
@@ -47,4 +48,5 @@ def goldiclip_pipeline(
         if name in wanted:
             logger.info("stage %s", name)
             summaries[name] = stage_flow(cfg, force=name in (force or []))
+            publish_overview(cfg)
     return summaries

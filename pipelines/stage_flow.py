@@ -21,6 +21,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
+from pipelines.overview import OverviewRefresher
 from tasks.ray_actors import ShardActorPool, shard_runner
 from tasks.stage import ShardResult, Stage
 
@@ -132,6 +133,7 @@ def run_stage_flow(stage: Stage, *, force: bool = False) -> dict:
     bar = tqdm(total=len(shards), initial=len(done), desc=stage.name, unit="shard",
                disable=not sys.stderr.isatty())
     started = time.perf_counter()
+    refresh_overview = OverviewRefresher(stage.config)
     runner = shard_runner(stage) if pending else stage
     pool = runner if isinstance(runner, ShardActorPool) else None
     if pool:
@@ -154,6 +156,7 @@ def run_stage_flow(stage: Stage, *, force: bool = False) -> dict:
                 bar.update(1)
                 finished = len(results) + len(failed)
                 update_progress_artifact(progress_id, 100.0 * finished / max(len(shards), 1))
+                refresh_overview()
         extra = {"actors": pool.describe()} if pool else None
     finally:
         if pool:

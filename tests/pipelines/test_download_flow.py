@@ -147,6 +147,32 @@ def test_download_and_captions_flows(tmp_path):
     keys = asyncio.run(artifacts())
     assert {"download-counts", "download-failures", "download-progress", "captions-counts"} <= keys
 
+    async def overview():
+        async with get_client() as client:
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            found = await client.read_latest_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["pipeline-overview"])))
+            return found[0].data
+
+    import json
+
+    rows = {r["stage"]: r for r in json.loads(asyncio.run(overview()))}
+    num_shards = len(layout.list_shards(layout.images_dir, ".tar"))
+    assert list(rows) == ["download", "captions", "phrases", "boxes", "vqa", "shards", "train", "evaluate"]
+    assert rows["download"]["done"] == rows["captions"]["done"] == f"{num_shards}/{num_shards} shards"
+    assert rows["captions"]["failures"] == "no_caption=1" and rows["phrases"]["state"] == "not started"
+
+    # The same view from storage alone, on the command line.
+    status = subprocess.run([sys.executable, "-m", "pipelines.cli", "status", "--config",
+                             str(tmp_path / "config.yaml"), "--json"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert status.returncode == 0, status.stderr[-2000:]
+    by_stage = {r["stage"]: r for r in json.loads(status.stdout)}
+    assert by_stage["download"]["done"] == by_stage["download"]["total"] == num_shards
+    assert by_stage["download"]["state"] == "done" and by_stage["train"]["state"] == "not started"
+    assert by_stage["download"]["failures"] == expected_failures
+
 
 def _run_cli(args, env, **kw):
     return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env,
