@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from pipelines.common import resolve_config
-from pipelines.stage_flow import run_stage_flow
+from pipelines.stage_flow import publish_gallery, run_stage_flow
 from tasks.annotate.boxes import BoxesStage
 from tasks.config import PipelineConfig
 
@@ -15,4 +15,7 @@ def boxes_flow(
     config: str | dict | PipelineConfig = "preset:demo", overrides: list[str] | None = None, force: bool = False
 ) -> dict:
     """Write ``annotations/boxes/*.parquet`` (best box per phrase, has_confident_box)."""
-    return run_stage_flow(BoxesStage(resolve_config(config, overrides)), force=force)
+    stage = BoxesStage(resolve_config(config, overrides))
+    summary = run_stage_flow(stage, force=force)
+    publish_gallery(stage)
+    return summary

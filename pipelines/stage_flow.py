@@ -15,13 +15,15 @@ import time
 from collections import Counter
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
+from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from pipelines.overview import OverviewRefresher
+from tasks.annotate.gallery import write_gallery
 from tasks.ray_actors import ShardActorPool, shard_runner
 from tasks.stage import ShardResult, Stage
 
@@ -177,3 +179,15 @@ def run_stage_flow(stage: Stage, *, force: bool = False) -> dict:
             "finished shards are kept, rerun the stage to retry the rest"
         )
     return summary
+
+
+GALLERY_SAMPLES = 6
+
+
+def publish_gallery(stage: Stage) -> None:
+    """A few of the stage's images with every annotation so far (``<stage>-gallery``, and HTML on storage)."""
+    made = write_gallery(stage.layout, stage.name, GALLERY_SAMPLES)
+    if made:
+        markdown, url = made
+        create_markdown_artifact(markdown, key=_artifact_key(stage, "gallery"),
+                                 description=f"{stage.name}: sample images with their annotations (also {url})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from pipelines.common import resolve_config
-from pipelines.stage_flow import run_stage_flow
+from pipelines.stage_flow import publish_gallery, run_stage_flow
 from tasks.config import PipelineConfig
 from tasks.annotate.vqa import VqaStage
 
@@ -20,4 +20,6 @@ def vqa_flow(
         if stage.servers is not None:
             get_run_logger().info("vqa: managed server(s) healthy at %s; logs: %s", stage.servers.base_urls,
                                   ", ".join(str(p) for p in stage.servers.logs))
-        return run_stage_flow(stage, force=force)
+        summary = run_stage_flow(stage, force=force)
+    publish_gallery(stage)
+    return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -42,3 +43,29 @@ def test_one_named_task_run_per_shard_with_plain_parameters(tmp_path):
     assert {r.task_key.split("-")[0] for r in runs} == {"multiply_numbers"}
     # Plain parameters only: the shard and force, not the stage object.
     assert all(set(r.task_inputs) == {"shard", "force"} for r in runs)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_boxes_flow_publishes_a_gallery_the_ui_renders(tmp_path, owl_dir):
+    """The gallery artifact read back from the API: markdown with the images inline (as Prefect's UI renders)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from pipelines.boxes import boxes_flow
+    from tests.tasks.annotate.test_boxes import make_shard
+
+    root = str(tmp_path / "root")
+    keys = make_shard(root)
+    boxes_flow({"dataset": {"root": root}, "boxes": {"model": owl_dir, "batch_size": 2, "score_threshold": 0.0}})
+
+    async def gallery():
+        async with get_client() as client:
+            found = await client.read_latest_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["boxes-gallery"])))
+            return found[0]
+
+    artifact = asyncio.run(gallery())
+    assert artifact.type == "markdown"
+    shown = re.findall(r"!\[(\w+)\]\(data:image/jpeg;base64,", artifact.data)
+    assert shown and set(shown) <= set(keys[:3])  # only images the stage annotated
+    assert "red circle" in artifact.data and "galleries/boxes.html" in artifact.description
