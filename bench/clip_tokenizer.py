@@ -12,16 +12,13 @@ for speed. The file is read from the package directory without importing open_cl
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.demo.standin_models import clip_tokenizer_from_merges  # noqa: E402
-
-VOCAB_SIZE = 49408
+from tasks.demo.standin_models import clip_tokenizer_from_bpe_file  # noqa: E402
 
 
 def open_clip_bpe_path() -> Path:
@@ -32,10 +29,7 @@ def open_clip_bpe_path() -> Path:
 
 
 def save_clip_tokenizer(out_dir: str | Path, bpe_path: str | Path | None = None, model_max_length: int = 77):
-    lines = gzip.open(bpe_path or open_clip_bpe_path()).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : VOCAB_SIZE - 256 * 2 - 2 + 1]]  # as OpenAI's SimpleTokenizer
-    tokenizer = clip_tokenizer_from_merges(merges, pad_token="<|endoftext|>", model_max_length=model_max_length)
-    assert len(tokenizer) == VOCAB_SIZE, len(tokenizer)
+    tokenizer = clip_tokenizer_from_bpe_file(bpe_path or open_clip_bpe_path(), model_max_length)
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
 

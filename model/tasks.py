@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from .decoder import IGNORE_INDEX
-from .tokenizer import format_box, quantize_box
+from .tokenizer import clean_text, format_box, quantize_box
 
 TASKS = ("cap", "ref", "grd", "vqa")
 
@@ -53,11 +53,11 @@ def task_prompt_and_target(task: str, annotation: dict, rng: random.Random) -> t
 def encode_prompt_and_target(tokenizer, prompt: str, target: str, max_length: int) -> tuple[list[int], int]:
     """BOS prompt target EOS as ids, and the number of prompt ids (BOS included).
 
-    Prompt and target are tokenised apart so the boundary is exact; an over-long target is
-    cut, keeping its EOS.
+    Prompt and target are cleaned as CLIP cleans text and tokenised apart, so the boundary is
+    exact; an over-long target is cut, keeping its EOS.
     """
-    prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    prompt_ids = [tokenizer.bos_token_id] + tokenizer(clean_text(prompt), add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(clean_text(target), add_special_tokens=False)["input_ids"]
     room = max_length - len(prompt_ids) - 1
     if room < 1:
         raise ValueError(f"prompt {prompt!r} leaves no room for a target in {max_length} tokens")

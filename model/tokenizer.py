@@ -5,12 +5,19 @@
 for tests and the demo: lower-cased, whitespace/punctuation split, `</w>` word ends, `<pad>`
 at id 0 and the start/end tokens as the two highest ids (as in CLIP, so the EOT is also the
 arg-max id). Boxes are four integers in [0, 999] of the image size, written "x0 y0 x1 y1".
+
+Text is cleaned as CLIP cleans it before tokenizing (`clean_text`: ftfy's fixes, HTML entities
+unescaped twice, white space collapsed), so web alt-text such as `&amp;` or a `\ufb01` ligature gets
+the ids open_clip's `SimpleTokenizer` gives it (tests/model/test_tokenizer.py checks 300 strings
+against ids computed with open_clip itself).
 """
 
+import html
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import ftfy
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -59,10 +66,27 @@ def build_local_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size:
     return wrapped
 
 
+_LITERAL_SPECIAL = re.compile(r"<\|(startoftext|endoftext)\|>", re.IGNORECASE)
+
+
+def clean_text(text: str) -> str:
+    """CLIP's text cleaning (open_clip's `basic_clean` + `whitespace_clean`), applied before tokenizing.
+
+    A caption that spells out `<|startoftext|>` must not get the special token: open_clip's
+    split pattern has no alternative for it, while the Hugging Face CLIP tokenizer's (like
+    OpenAI's original) does. Spacing the word apart gives that pattern exactly the pieces
+    open_clip's finds ("<|", "startoftext", "|>..."), so the ids equal open_clip's.
+    """
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    text = " ".join(text.split())
+    return _LITERAL_SPECIAL.sub(r"<| \1 |>", text)
+
+
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], context_length: int) -> torch.Tensor:
-    """texts -> (N, context_length) ids: BOS text EOS, truncated keeping the EOS, right-padded."""
+    """texts -> (N, context_length) ids: BOS cleaned-text EOS, truncated keeping the EOS, right-padded."""
     return tokenizer(
-        list(texts), padding="max_length", truncation=True, max_length=context_length, return_tensors="pt"
+        [clean_text(t) for t in texts], padding="max_length", truncation=True, max_length=context_length,
+        return_tensors="pt",
     )["input_ids"]
 
 

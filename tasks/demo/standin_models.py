@@ -83,6 +83,23 @@ def clip_tokenizer_from_merges(merges: list[tuple[str, str]], *, pad_token: str,
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=model_max_length)
 
 
+CLIP_VOCAB_SIZE = 49408
+
+
+def clip_tokenizer_from_bpe_file(bpe_path: str | Path, model_max_length: int = 77):
+    """CLIP's own tokenizer from OpenAI's `bpe_simple_vocab_16e6.txt.gz` (as open_clip ships it).
+
+    The merges are read as OpenAI's `SimpleTokenizer` reads them, so the ids are CLIP's.
+    """
+    import gzip
+
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : CLIP_VOCAB_SIZE - 256 * 2 - 2 + 1]]
+    tokenizer = clip_tokenizer_from_merges(merges, pad_token="<|endoftext|>", model_max_length=model_max_length)
+    assert len(tokenizer) == CLIP_VOCAB_SIZE, len(tokenizer)
+    return tokenizer
+
+
 # google/owlv2-base-patch16-ensemble's architecture (its config.json): ViT-B/16 at 960 px
 # and a 12-layer, 512-wide text tower reading 16-token queries.
 OWLV2_BASE_PATCH16 = {

@@ -1,8 +1,12 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from model import dequantize_box, format_box, parse_box, quantize_box, tokenize
+from model.tokenizer import clean_text
 
 
 def test_local_tokenizer_reloads_with_autotokenizer(tokenizer, tmp_path):
@@ -44,3 +48,31 @@ def test_box_text_survives_the_tokenizer(tokenizer):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert parse_box(tokenizer.decode(ids)) == (3, 517, 999, 42)
     assert parse_box("no box here") is None and parse_box("1 2 3 1000") is None
+
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer():
+    """CLIP's real 49,408-token BPE, from OpenAI's vocabulary file (tests/assets, as open_clip ships it)."""
+    from tasks.demo.standin_models import clip_tokenizer_from_bpe_file
+
+    return clip_tokenizer_from_bpe_file(ASSETS / "bpe_simple_vocab_16e6.txt.gz")
+
+
+def test_clip_ids_equal_open_clip_simple_tokenizer(clip_tokenizer):
+    """300 web-like strings (HTML entities, ligatures, mojibake, literal special tokens, long captions):
+    ids equal those open_clip's SimpleTokenizer gave (tests/assets/clip_golden_ids.json, its source
+    and command inside; made by bench/clip_golden_ids.py)."""
+    golden = json.loads((ASSETS / "clip_golden_ids.json").read_text())
+    ids = tokenize(clip_tokenizer, [c["text"] for c in golden["cases"]], context_length=77).tolist()
+    eot = clip_tokenizer.eos_token_id
+    mismatched = [c["text"] for c, row in zip(golden["cases"], ids) if row[: row.index(eot) + 1] != c["ids"]]
+    assert len(golden["cases"]) == 300 and mismatched == []
+
+
+def test_clean_text_is_clips_cleaning():
+    assert clean_text("  Fish &amp;amp; chips\n\tat the \ufb01re  ") == "Fish & chips at the fire"
+    assert clean_text("&lt;b&gt;caf\u00c3\u00a9&lt;/b&gt;") == "<b>caf\u00e9</b>"
+    assert clean_text("<|startoftext|>a cat<|EndOfText|>") == "<| startoftext |>a cat<| EndOfText |>"
