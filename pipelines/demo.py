@@ -45,32 +45,40 @@ def _serve_on_a_stable_port(source_dir: Path):
         server.__exit__(None, None, None)
 
 
-def save_stand_in_models(models_dir: Path) -> dict[str, Path]:
-    """Tiny RANDOMLY initialised OWLv2 and Phi3 in the real checkpoint format (once).
+def save_stand_in_owlv2(models_dir: Path) -> Path:
+    """A tiny RANDOMLY initialised OWLv2 in the real checkpoint format (once).
 
-    They stand in for OWLv2 B/16 and Phi-3.5-mini, which cannot be downloaded
-    offline; the stages load them through the same ``from_pretrained`` path as
-    real weights. Their boxes and answers are meaningless.
+    It stands in for OWLv2 B/16, which cannot be downloaded offline; the boxes stage loads
+    it through the same ``from_pretrained`` path as real weights. Its boxes are meaningless.
     """
-    from tasks.demo.standin_models import save_tiny_owlv2, save_tiny_phi3
+    from tasks.demo.standin_models import save_tiny_owlv2
 
-    paths = {"owlv2": models_dir / "owlv2-tiny-random", "phi3": models_dir / "phi3-tiny-random"}
-    for name, save in (("owlv2", save_tiny_owlv2), ("phi3", save_tiny_phi3)):
-        if not (paths[name] / "config.json").exists():
-            save(paths[name])
-    return paths
+    path = models_dir / "owlv2-tiny-random"
+    if not (path / "config.json").exists():
+        save_tiny_owlv2(path)
+    return path
 
 
-def demo_config(workdir: Path, source, models: dict[str, Path]):
-    """The ``demo`` preset with every path inside ``workdir``."""
+@contextlib.contextmanager
+def _serve_vqa_stand_in():
+    """The rule-based Phi-3.5 stand-in as an OpenAI-compatible server on loopback; yields its base URL."""
+    from tasks.demo.openai_server import OpenAIServer
+    from tasks.demo.vqa_standin import scene_answers
+
+    with OpenAIServer(answer_fn=scene_answers) as server:
+        yield server.base_url
+
+
+def demo_config(workdir: Path, source, owlv2: Path, vqa_url: str):
+    """The ``demo`` preset with every path inside ``workdir`` and the stand-in servers' URLs."""
     return load_config(
         preset="demo",
         overrides={
             "dataset.root": str(workdir / "data"),
             "sources.0.paths": [str(source.url_list)],
             "captions.dreamlip_csvs": [str(p) for p in source.dreamlip_csvs],
-            "boxes.model": str(models["owlv2"]),
-            "vqa.model": str(models["phi3"]),
+            "boxes.model": str(owlv2),
+            "vqa.openai.base_urls": [vqa_url],
             # Held-out images (never in the URL list) with one caption each.
             "evaluate.datasets": [{"name": DEMO_EVAL_SET, "format": "jsonl", "path": str(source.eval_pairs)}],
         },
@@ -87,13 +95,15 @@ def run_demo(workdir: Path, *, num_images: int = 400) -> dict:
     source_dir = workdir / "source"
     typer.secho(f"[demo] generating {num_images} synthetic images in {source_dir}", bold=True)
     generate_demo_source(source_dir, num_images=num_images)
-    models = save_stand_in_models(workdir / "models")
-    typer.secho(f"[demo] boxes and vqa use tiny RANDOM stand-ins of OWLv2 and Phi-3.5 ({workdir / 'models'}): "
-                "their outputs exercise the pipeline but mean nothing", bold=True, fg="yellow")
-    with _serve_on_a_stable_port(source_dir) as base_url:
+    owlv2 = save_stand_in_owlv2(workdir / "models")
+    typer.secho(f"[demo] STAND-INS: boxes come from a tiny RANDOM OWLv2 ({owlv2}), meaningless; vqa from a "
+                "rule-based server answering the paper's prompt from the synthetic scene's words "
+                "(tasks/demo/vqa_standin.py), not Phi-3.5", bold=True, fg="yellow")
+    with _serve_on_a_stable_port(source_dir) as base_url, _serve_vqa_stand_in() as vqa_url:
         source = write_url_lists(source_dir, base_url)
-        typer.secho(f"[demo] serving them at {base_url} (loopback; stopped when the demo ends)", bold=True)
-        config = demo_config(workdir, source, models)
+        typer.secho(f"[demo] serving them at {base_url}, the vqa stand-in at {vqa_url} (loopback; stopped when "
+                    "the demo ends)", bold=True)
+        config = demo_config(workdir, source, owlv2, vqa_url)
         summaries = goldiclip_pipeline(config)
     typer.secho("\n[demo] per-stage counts (failures are counted and skipped, never fatal):", bold=True)
     print_summaries(summaries)

@@ -9,7 +9,8 @@ What it answers depends on a marker in the prompt (the caption carries it):
     [[malformed]]  content that is not JSON     [[truncated]]  JSON cut off mid-way (finish_reason length)
     [[qa-text]]    Q:/A: lines, no JSON          [[fenced]]     JSON in a code fence, with chatter
     [[no-qmark]]   questions without "?"        [[bad-body]]   HTTP 200 with a non-JSON body
-    (none)         valid {"qa": [...]} JSON with three pairs taken from the caption
+    (none)         valid {"qa": [...]} JSON from ``answer_fn(caption)`` (default: three pairs
+                   taken from the caption's words; the demo passes its scene-rules stand-in)
 
 ``fail_all`` answers every chat request with that status instead, ``latency_s`` is
 added to every answer, ``die_after`` exits the process after that many chat
@@ -31,6 +32,7 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -48,7 +50,9 @@ def answer_json(caption: str) -> dict:
 
 class OpenAIServer:
     def __init__(self, *, latency_s: float = 0.0, stall_s: float = 30.0, completion_tokens: int = 60,
-                 fail_all: int | None = None, die_after: int | None = None, host: str = "127.0.0.1", port: int = 0):
+                 fail_all: int | None = None, die_after: int | None = None, host: str = "127.0.0.1", port: int = 0,
+                 answer_fn: Callable[[str], dict] = answer_json):
+        self.answer_fn = answer_fn  # caption -> {"qa": [...]}; the demo's scene-rules stand-in plugs in here
         self.latency_s = latency_s
         self.stall_s = stall_s
         self.completion_tokens = completion_tokens
@@ -115,7 +119,7 @@ class OpenAIServer:
         if marker == "bad-body":
             return web.Response(text="<html>proxy error</html>", content_type="text/html")
         caption = prompt.split('"')[1] if prompt.count('"') >= 2 else prompt
-        qa = answer_json(caption)
+        qa = self.answer_fn(caption)
         content, finish = json.dumps(qa), "stop"
         if marker == "malformed":
             content = "{qa: [{question: What is it?, answer: a shape}"
