@@ -262,9 +262,9 @@ def run_img2dataset(python: Path, tsv: Path, threads: int, shard_size: int, expe
 
 
 def run_ours(tsv: Path, concurrency: int, shard_size: int, expected: int, sizes: dict) -> dict:
-    from tasks.download import stage as download_mod
     from tasks.config import PipelineConfig
     from tasks.download.stage import DownloadStage
+    from tasks.worker_pool import close_shared
 
     root = OUT / f"ours-run-{concurrency}"
     shutil.rmtree(root, ignore_errors=True)
@@ -282,7 +282,6 @@ def run_ours(tsv: Path, concurrency: int, shard_size: int, expected: int, sizes:
             "allow_private_addresses": True,
         },
     )
-    pool_cls = download_mod._WorkerPool
     cpu0 = _children_cpu() + time.process_time()
     start = time.perf_counter()
     stage = DownloadStage(config)
@@ -293,8 +292,7 @@ def run_ours(tsv: Path, concurrency: int, shard_size: int, expected: int, sizes:
     seconds = time.perf_counter() - start
     # Each run pays for its own worker start-up, like img2dataset's; shutting the pool
     # down also reaps the workers, so their CPU time shows in RUSAGE_CHILDREN.
-    pool_cls._pool.shutdown(wait=True)
-    pool_cls._pool = None
+    close_shared("download")
     cpu = _children_cpu() + time.process_time() - cpu0
     success = sum(r.counts.get("ok", 0) for r in results)
     tars = sorted((root / "images").glob("*.tar"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing as mp
 import os
 import platform
 import random
@@ -29,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import report  # noqa: E402  (bench/report.py: sys.path[0] is bench/)
 from tasks.config import PhrasesConfig  # noqa: E402
-from tasks.annotate import phrases  # noqa: E402
 from tasks.annotate.phrases import PhraseParser  # noqa: E402
 
 ANCHOR = "about 3.2k words/s full pipeline single process, 10k words/s NER+lemmatizer off on 2 processes"
@@ -88,10 +88,10 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 def measure(texts: list[str], n_process: int, options: dict, batch_size: int, repeats: int) -> dict:
     """Words/s of each repeat (wall clock), words per CPU-second, and the cores the parser got (CPU-s / wall-s)."""
+    before = {p.pid for p in mp.active_children()}
     parser = PhraseParser(PhrasesConfig(n_process=n_process, batch_size=batch_size, **options))
     parser(texts[: 4 * batch_size * n_process])  # warm-up: starts the pool, loads the models
-    pool = phrases._WorkerPool._pool if n_process > 1 else None
-    pids = [os.getpid(), *(pool._processes if pool else [])]
+    pids = [os.getpid(), *(p.pid for p in mp.active_children() if p.pid not in before)]  # the pool's workers
     words = sum(len(t.split()) for t in texts)
     rates, cpu_rates = [], []
     for _ in range(repeats):

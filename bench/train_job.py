@@ -35,7 +35,9 @@ import report  # noqa: E402  (bench/report.py)
 from clip_tokenizer import save_clip_tokenizer  # noqa: E402  (bench/clip_tokenizer.py)
 from tasks.config import PipelineConfig  # noqa: E402
 from tasks.ray_actors import start_ray  # noqa: E402
-from tasks.train.loop import build_trainer, read_metrics, runs_dir, validate_train_config  # noqa: E402
+from tasks.train.checkpoint import runs_dir  # noqa: E402
+from tasks.train.loop import read_metrics  # noqa: E402
+from tasks.train.stage import build_trainer, validate_train_config  # noqa: E402
 from tasks.train.data import iter_texts  # noqa: E402
 from tasks.demo.train_shards import write_train_shards  # noqa: E402
 

@@ -79,7 +79,6 @@ class DistillConfig:
     center_momentum: float = 0.9
     ema_momentum: float = 0.996
     ema_cosine_steps: int = 0  # > 0: cosine schedule of the EMA momentum to 1 over this many steps
-    image_chunk_size: int = 32  # images per chunk of the prototype cross-entropy
 
 
 @dataclass(frozen=True)
@@ -106,6 +105,30 @@ class WeightingConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """How the training step trades compute for memory; no option changes a loss or a gradient.
+
+    checkpoint_*: activation checkpointing (torch.utils.checkpoint, non-reentrant) of every
+    transformer block of the vision tower, of the text tower (captions and decoder inputs) and
+    of the decoder: a block keeps only its input and is recomputed in the backward pass.
+    pooling_chunk_size: images per chunk of the training-time text-conditioned pooling. Each
+    image is pooled with N = K + B_global - 1 texts (METHOD.md sec. 3), in L_ret and in every
+    distillation view, so its (views x N x D) outputs grow with the global batch; a chunk is
+    pooled and reduced (to its logits, or to its caption mean) under checkpointing, so only one
+    chunk's exist, in forward and in backward.
+    head_chunk_size: images per chunk of the 65,536-prototype logits of the DINO heads (the
+    student's cross-entropy under checkpointing, the teacher's probabilities).
+    None: all images at once, nothing recomputed.
+    """
+
+    checkpoint_vision: bool = False
+    checkpoint_text: bool = False
+    checkpoint_decoder: bool = False
+    pooling_chunk_size: int | None = None
+    head_chunk_size: int | None = None
+
+
+@dataclass(frozen=True)
 class GoldiCLIPConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -115,6 +138,7 @@ class GoldiCLIPConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     score_image_chunk_size: int = 256  # images per chunk in text-conditioned scoring
 
     def __post_init__(self):
@@ -144,7 +168,7 @@ PRESETS: dict[str, GoldiCLIPConfig] = {
         ),
         embed_dim=64,
         pooling=PoolingConfig(num_heads=4),
-        distill=DistillConfig(head_hidden_dim=128, head_bottleneck_dim=32, num_prototypes=256, image_chunk_size=4),
+        distill=DistillConfig(head_hidden_dim=128, head_bottleneck_dim=32, num_prototypes=256),
         decoder=DecoderConfig(width=64, num_layers=2, num_heads=4, mlp_dim=128, token_chunk_size=64),
         score_image_chunk_size=8,
     ),

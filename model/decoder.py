@@ -7,6 +7,7 @@ is tied to the text token embedding; the loss is next-token NLL on target tokens
 
 The vocabulary head is the decoder's big tensor (M x S positions x 49,408 words), so
 `token_nll` computes logits in chunks of positions under activation checkpointing.
+`checkpoint_layers` (`MemoryConfig.checkpoint_decoder`) recomputes each layer in the backward pass.
 """
 
 import torch
@@ -55,9 +56,11 @@ class DecoderLayer(nn.Module):
 class MultiTaskDecoder(nn.Module):
     """Decoder over text-encoder token states; `forward` returns hidden states in text width."""
 
-    def __init__(self, config: DecoderConfig, text_width: int, visual_dim: int, vocab_size: int):
+    def __init__(self, config: DecoderConfig, text_width: int, visual_dim: int, vocab_size: int,
+                 checkpoint_layers: bool = False):
         super().__init__()
         self.config = config
+        self.checkpoint_layers = checkpoint_layers
         self.input_proj = nn.Identity() if text_width == config.width else nn.Linear(text_width, config.width)
         self.visual_proj = nn.Identity() if visual_dim == config.width else nn.Linear(visual_dim, config.width)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
@@ -69,8 +72,9 @@ class MultiTaskDecoder(nn.Module):
         """text_tokens (M, S, W_text), visual_tokens (M, C, D) -> (M, S, W_text)."""
         x = self.input_proj(text_tokens)  # (M, S, W)
         visual = self.visual_proj(visual_tokens)  # (M, C, W)
+        recompute = self.checkpoint_layers and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, visual)
+            x = checkpoint(layer, x, visual, use_reentrant=False) if recompute else layer(x, visual)
         return self.output_proj(self.norm(x))
 
     def head_weight(self, token_embedding: nn.Embedding) -> torch.Tensor:

@@ -9,21 +9,23 @@
   on all V = G + L views, L = mean over images and pairs (g, v != g) of CE(P_t(g), P_s(v));
   centers c <- 0.9 c + 0.1 mean(z_t), all-reduced.
 
-The prototype layer is the big one (65,536 outputs for every view), so the student's
-cross-entropy runs in chunks of images under activation checkpointing: only one chunk's
-(c, V, P) logits exist at a time, in forward and in backward.
+The prototype layer is the big one (65,536 outputs for every view): with
+`MemoryConfig.head_chunk_size` set, the student's cross-entropy runs in chunks of images under
+activation checkpointing (only one chunk's (c, V, P) logits exist at a time, in forward and in
+backward) and the teacher's probabilities are computed chunk by chunk.
 """
 
 import copy
 import math
+from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import DistillConfig
+from .memory import in_image_chunks
 from .retrieval import world_info
 
 
@@ -69,31 +71,33 @@ class DINOHead(nn.Module):
         return F.normalize(self.prototypes, dim=-1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features (..., D) -> prototype logits (..., P). Prefer the chunked loss for students."""
+        """features (..., D) -> prototype logits (..., P); the losses take `embed` and `prototype_weight`."""
         return self.embed(features) @ self.prototype_weight().T
 
 
-def _chunk_cross_entropy(student_embed: torch.Tensor, weight: torch.Tensor, teacher_probs: torch.Tensor,
-                         student_temp: float) -> torch.Tensor:
-    """Sum over images and (g, v != g) pairs of -P_t(g) . log P_s(v) for one chunk of images.
+def _cross_entropy(student_embed: torch.Tensor, teacher_probs: torch.Tensor, *, weight: torch.Tensor,
+                   student_temp: float) -> torch.Tensor:
+    """Per image, the sum over (g, v != g) pairs of -P_t(g) . log P_s(v).
 
-    student_embed (c, V, E), weight (P, E), teacher_probs (c, G, P); the G global views are
-    the first G of the V student views.
+    student_embed (c, V, E), teacher_probs (c, G, P), weight (P, E) -> (c,); the G global views
+    are the first G of the V student views.
     """
     num_global = teacher_probs.shape[1]
     log_probs = F.log_softmax((student_embed @ weight.T).float() / student_temp, dim=-1)  # (c, V, P)
     # Student view v is paired with every teacher global view except itself: the summed teacher
     # distributions minus v's own when v is a global view.
     targets = teacher_probs.sum(1, keepdim=True) - F.pad(teacher_probs, (0, 0, 0, log_probs.shape[1] - num_global))
-    return -(targets * log_probs).sum()  # (c, V, P) -> ()
+    return -(targets * log_probs).sum(dim=(1, 2))  # (c, V, P) -> (c,)
 
 
 class DistillationLoss(nn.Module):
-    """Centers, temperatures and the cross-entropy of one distillation branch."""
+    """Centers, temperatures and the cross-entropy of one distillation branch; `chunk_size`
+    images at a time (`MemoryConfig.head_chunk_size`, None: all at once)."""
 
-    def __init__(self, config: DistillConfig):
+    def __init__(self, config: DistillConfig, chunk_size: int | None = None):
         super().__init__()
         self.config = config
+        self.chunk_size = chunk_size
         self.register_buffer("center", torch.zeros(1, config.num_prototypes))
 
     def teacher_temp(self, step: torch.Tensor) -> torch.Tensor:
@@ -102,34 +106,30 @@ class DistillationLoss(nn.Module):
         return config.teacher_temp + (config.teacher_temp_final - config.teacher_temp) * progress
 
     @torch.no_grad()
-    def teacher_probs(self, teacher_logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """teacher_logits (B, G, P) -> centred, sharpened probabilities; then updates the center."""
-        teacher_logits = teacher_logits.float()
-        probs = F.softmax((teacher_logits - self.center) / self.teacher_temp(step), dim=-1)  # (B, G, P)
-        batch_center = teacher_logits.mean(dim=(0, 1))[None]  # (1, P)
+    def teacher_probs(self, *, teacher_embed: torch.Tensor, weight: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """teacher_embed (B, G, E) unit vectors, weight (P, E) -> centred, sharpened probabilities
+        (B, G, P); then moves the center to the batch's mean logits."""
+        num_images, num_global = teacher_embed.shape[:2]
+        temp, chunk = self.teacher_temp(step), self.chunk_size or num_images
+        probs, logit_sum = [], 0.0
+        for start in range(0, num_images, chunk):
+            logits = (teacher_embed[start:start + chunk] @ weight.T).float()  # (c, G, P)
+            probs.append(F.softmax((logits - self.center) / temp, dim=-1))
+            logit_sum = logit_sum + logits.sum(dim=(0, 1))
+        batch_center = logit_sum[None] / (num_images * num_global)  # (1, P)
         if world_info()[1] > 1:
             dist.all_reduce(batch_center)
             batch_center /= world_info()[1]
         self.center.lerp_(batch_center, 1 - self.config.center_momentum)
-        return probs
+        return torch.cat(probs)
 
     def forward(self, *, student_embed: torch.Tensor, weight: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
         """student_embed (B, V, E) unit vectors, weight (P, E), teacher_probs (B, G, P) -> scalar."""
         num_images, num_views = student_embed.shape[:2]
-        num_global = teacher_probs.shape[1]
-        chunk = self.config.image_chunk_size
-        total = student_embed.new_zeros((), dtype=torch.float32)
-        for start in range(0, num_images, chunk):
-            total = total + checkpoint(
-                _chunk_cross_entropy,
-                student_embed[start:start + chunk],
-                weight,
-                teacher_probs[start:start + chunk],
-                self.config.student_temp,
-                use_reentrant=False,
-            )
-        num_pairs = num_global * (num_views - 1)
-        return total / (num_images * num_pairs)
+        num_pairs = teacher_probs.shape[1] * (num_views - 1)
+        per_image = in_image_chunks(partial(_cross_entropy, weight=weight, student_temp=self.config.student_temp),
+                                    self.chunk_size, student_embed, teacher_probs)  # (B,)
+        return per_image.sum() / (num_images * num_pairs)
 
 
 def ema_momentum(config: DistillConfig, step: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,9 @@ The training batch `forward` takes (B images on this process, K captions each):
                                                  Leave the four keys out when M = 0. Rows without
                                                  a target label are padding: no loss, no count.
 
+`config.memory` (`MemoryConfig`) trades compute for memory without changing any loss: block
+checkpointing of the towers and the decoder, the pooling and the DINO heads in chunks of images.
+
 `forward` returns (total loss, metrics): detached scalar tensors named `loss/<name>`,
 `log_var/<name>`, `weight/<name>` (see `weighting.py`) plus the retrieval and distillation
 parts, the logit scale and bias. After `optimizer.step()`, call `update_teacher()`.
@@ -40,8 +43,10 @@ from torch import nn
 from .config import GoldiCLIPConfig
 from .decoder import IGNORE_INDEX, MultiTaskDecoder, token_nll
 from .distill import DINOHead, DistillationLoss, EMATeacher, ema_momentum
+from .memory import in_image_chunks
 from .pooling import TextConditionedPooling
-from .retrieval import SigmoidRetrievalLoss, gather_no_grad, gather_with_grad, sample_caption_index, world_info
+from .retrieval import (SigmoidRetrievalLoss, gather_no_grad, gather_with_grad, pooled_cosine, sample_caption_index,
+                        world_info)
 from .tasks import TASKS
 from .towers import TextTower, VisionTower, export_hf_clip, load_hf_clip_towers
 from .weighting import UncertaintyWeighting
@@ -54,21 +59,22 @@ class GoldiCLIP(nn.Module):
     def __init__(self, config: GoldiCLIPConfig):
         super().__init__()
         self.config = config
-        embed_dim = config.embed_dim
-        self.vision = VisionTower(config.vision, embed_dim)
-        self.text = TextTower(config.text, embed_dim)
+        embed_dim, memory = config.embed_dim, config.memory
+        self.vision = VisionTower(config.vision, embed_dim, memory.checkpoint_vision)
+        self.text = TextTower(config.text, embed_dim, memory.checkpoint_text)
         self.pooling = TextConditionedPooling(config.pooling, embed_dim)
         self.retrieval_loss = SigmoidRetrievalLoss(config.retrieval)
         loss_names = ("ret",)
         if config.decoder.enabled:
-            self.decoder = MultiTaskDecoder(config.decoder, config.text.width, embed_dim, config.text.vocab_size)
+            self.decoder = MultiTaskDecoder(config.decoder, config.text.width, embed_dim, config.text.vocab_size,
+                                            memory.checkpoint_decoder)
             loss_names += TASKS
         if config.distill.enabled:
             head = DINOHead(config.distill, embed_dim)
             tc_head = head if config.distill.shared_head else DINOHead(config.distill, embed_dim)
             self.distill_heads = nn.ModuleDict({"ta": head, "tc": tc_head})
-            self.distill_losses = nn.ModuleDict({"ta": DistillationLoss(config.distill),
-                                                 "tc": DistillationLoss(config.distill)})
+            self.distill_losses = nn.ModuleDict({branch: DistillationLoss(config.distill, memory.head_chunk_size)
+                                                 for branch in ("ta", "tc")})
             self.register_buffer("distill_step", torch.zeros((), dtype=torch.long))
             self.reset_teacher()
             loss_names += ("sd",)
@@ -120,10 +126,16 @@ class GoldiCLIP(nn.Module):
         caption_index = sample_caption_index(num_images=num_local * world_size, num_captions=num_captions,
                                              first_image=rank * num_local, num_rows=num_local,
                                              device=images.device)  # (b, N), N = B + K - 1
-        conditioning = all_texts[caption_index]  # (b, N, D)
+        queries = self.pooling.project_texts(all_texts)  # (B*K, D)
+
+        def cosine(index: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:  # (c, N), (c, P, D) -> (c, N)
+            return pooled_cosine(self.pooling.attend(queries[index], patches), all_texts[index])
+
         retrieval = self.retrieval_loss(
-            image_global=image_global, image_conditioned=self.pooling(conditioning, image_patches), texts=all_texts,
-            caption_index=caption_index, num_captions=num_captions, image_offset=rank * num_local,
+            image_global=image_global,
+            conditioned_cosine=in_image_chunks(cosine, self.config.memory.pooling_chunk_size, caption_index,
+                                               image_patches),
+            texts=all_texts, caption_index=caption_index, num_captions=num_captions, image_offset=rank * num_local,
             world_size=world_size,
         )
         losses, present = {"ret": retrieval["ret"]}, {}
@@ -137,7 +149,7 @@ class GoldiCLIP(nn.Module):
                 task_losses, present = self.absent_decoder_losses(images.device)
             losses.update(task_losses)
         if self.config.distill.enabled:
-            distill = self.distillation_losses(batch, conditioning, caption_ids, caption_index)
+            distill = self.distillation_losses(batch, queries, caption_ids, caption_index)
             losses["sd"] = distill["sd_ta"] + distill["sd_tc"]
             extra.update({f"loss/{name}": value.detach() for name, value in distill.items()})
 
@@ -168,41 +180,52 @@ class GoldiCLIP(nn.Module):
         absent = torch.zeros((), dtype=torch.bool, device=device)
         return {name: touch for name in TASKS}, {name: absent for name in TASKS}
 
-    def distillation_losses(self, batch: dict[str, torch.Tensor], conditioning: torch.Tensor,
-                            caption_ids: torch.Tensor, caption_index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """L_sd per branch: the student sees G global + L local views, the teacher the G global."""
+    def distillation_losses(self, batch: dict[str, torch.Tensor], queries: torch.Tensor, caption_ids: torch.Tensor,
+                            caption_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L_sd per branch: the student sees G global + L local views, the teacher the G global.
+
+        queries (B*K, D): the student's pooling queries of every text of the global batch.
+        """
         global_views, local_views = batch["global_views"], batch["local_views"]
-        student_ta, student_tc = self._view_features(self.vision, self.pooling, (global_views, local_views),
-                                                     conditioning)  # (b, G+L, D) each
+        student_ta, student_tc = self._view_features(self.vision, self.pooling, (global_views, local_views), queries,
+                                                     caption_index)  # (b, G+L, D) each
         teacher = self.teacher.model
         with torch.no_grad():
             teacher_texts = gather_no_grad(teacher["text"](caption_ids.flatten(0, 1))[0])  # (B*K, D)
             teacher_ta, teacher_tc = self._view_features(teacher["vision"], teacher["pooling"], (global_views,),
-                                                         teacher_texts[caption_index])  # (b, G, D) each
+                                                         teacher["pooling"].project_texts(teacher_texts),
+                                                         caption_index)  # (b, G, D) each
         losses = {}
         for branch, student_features, teacher_features in (("ta", student_ta, teacher_ta),
                                                            ("tc", student_tc, teacher_tc)):
-            head, loss = self.distill_heads[branch], self.distill_losses[branch]
+            head, teacher_head, loss = self.distill_heads[branch], teacher["heads"][branch], self.distill_losses[branch]
             with torch.no_grad():
-                teacher_probs = loss.teacher_probs(teacher["heads"][branch](teacher_features),
-                                                   self.distill_step)  # (b, G, P)
+                teacher_probs = loss.teacher_probs(teacher_embed=teacher_head.embed(teacher_features),
+                                                   weight=teacher_head.prototype_weight(),
+                                                   step=self.distill_step)  # (b, G, P)
             losses[f"sd_{branch}"] = loss(student_embed=head.embed(student_features), weight=head.prototype_weight(),
                                           teacher_probs=teacher_probs)
         return losses
 
-    @staticmethod
-    def _view_features(vision: VisionTower, pooling: TextConditionedPooling, view_groups: tuple[torch.Tensor, ...],
-                       conditioning: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _view_features(self, vision: VisionTower, pooling: TextConditionedPooling,
+                       view_groups: tuple[torch.Tensor, ...], queries: torch.Tensor,
+                       caption_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text-agnostic v_g and caption-averaged v_tc of every view: (b, V, D) each (paper sec. 3.2).
 
-        view_groups: tensors (b, V_i, 3, h_i, w_i), one per crop size; conditioning (b, N, D).
+        view_groups: tensors (b, V_i, 3, h_i, w_i), one per crop size; queries (B*K, D) from
+        `pooling.project_texts`; caption_index (b, N): each image's texts.
         """
+
+        def caption_mean(index: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:  # (c, N), (c*V, P, D) -> (c*V, D)
+            # Averaging over the N captions is the paper's stability fix for small local crops.
+            return pooling.attend(queries[index], patches).mean(dim=1)
+
         agnostic, conditioned = [], []
         for views in view_groups:
             num_images, num_views = views.shape[:2]
             view_global, view_patches = vision(views.flatten(0, 1))  # (b*V, D), (b*V, P, D)
-            # Averaging over the N captions is the paper's stability fix for small local crops.
-            pooled = pooling(conditioning, view_patches).mean(dim=1)  # (b*V, N, D) -> (b*V, D)
+            pooled = in_image_chunks(caption_mean, self.config.memory.pooling_chunk_size, caption_index,
+                                     view_patches)  # (b*V, D)
             agnostic.append(view_global.view(num_images, num_views, -1))
             conditioned.append(pooled.view(num_images, num_views, -1))
         return torch.cat(agnostic, dim=1), torch.cat(conditioned, dim=1)

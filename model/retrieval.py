@@ -85,6 +85,11 @@ def sample_caption_index(*, num_images: int, num_captions: int, first_image: int
     return torch.cat([own, others * K + offsets], dim=1)  # (rows, K + B - 1)
 
 
+def pooled_cosine(pooled: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """cos(v_tc, t) row by row: pooled (..., N, D) from texts (..., N, D) -> (..., N)."""
+    return (F.normalize(pooled, dim=-1) * F.normalize(texts, dim=-1)).sum(-1)
+
+
 def sigmoid_pair_loss(*, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """-sum log sigmoid(y * logit) over all pairs (unnormalised)."""
     return -F.logsigmoid(labels * logits).sum()
@@ -102,22 +107,22 @@ class SigmoidRetrievalLoss(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(0.0, self.max_log_scale).exp()
 
-    def forward(self, *, image_global: torch.Tensor, image_conditioned: torch.Tensor, texts: torch.Tensor,
+    def forward(self, *, image_global: torch.Tensor, conditioned_cosine: torch.Tensor, texts: torch.Tensor,
                 caption_index: torch.Tensor, num_captions: int, image_offset: int = 0,
                 world_size: int = 1) -> dict[str, torch.Tensor]:
         """Both terms for this process's images against all texts.
 
-        image_global (b, D): v_g of the local images; image_conditioned (b, N, D): v_tc of local
-        image i pooled with texts[caption_index[i]] (N = K + B - 1); texts (B*K, D): all texts of
-        the global batch; caption_index (b, N) as from `sample_caption_index` (rows of the local
-        images); image_offset: global index of the first local image.
+        image_global (b, D): v_g of the local images; conditioned_cosine (b, N): cos(v_tc[i, c], t_c)
+        for local image i pooled with each of its texts c = caption_index[i] (N = K + B - 1), as
+        `pooled_cosine` computes it; texts (B*K, D): all texts of the global batch;
+        caption_index (b, N) as from `sample_caption_index` (rows of the local images);
+        image_offset: global index of the first local image.
         """
         num_local, num_texts = image_global.shape[0], texts.shape[0]
         num_images = num_texts // num_captions
         scale, bias = self.scale(), self.bias
         texts = F.normalize(texts, dim=-1)  # (B*K, D)
         image_global = F.normalize(image_global, dim=-1)  # (b, D)
-        image_conditioned = F.normalize(image_conditioned, dim=-1)  # (b, N, D)
 
         owner = torch.arange(num_texts, device=texts.device) // num_captions  # (B*K,) image of each text
         local_images = torch.arange(num_local, device=texts.device) + image_offset  # (b,)
@@ -126,8 +131,7 @@ class SigmoidRetrievalLoss(nn.Module):
         agnostic_labels = 2.0 * (owner[None, :] == local_images[:, None]) - 1.0  # (b, B*K)
         agnostic = sigmoid_pair_loss(logits=agnostic_logits, labels=agnostic_labels) / num_texts
 
-        chosen = texts[caption_index]  # (b, N, D)
-        conditioned_logits = scale * (image_conditioned * chosen).sum(-1) + bias  # (b, N)
+        conditioned_logits = scale * conditioned_cosine + bias  # (b, N)
         conditioned_labels = 2.0 * (owner[caption_index] == local_images[:, None]) - 1.0  # (b, N)
         conditioned = sigmoid_pair_loss(logits=conditioned_logits, labels=conditioned_labels)
         conditioned = conditioned / (num_images + num_captions - 1)

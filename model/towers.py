@@ -5,7 +5,9 @@ bias-free projection maps the global token `v_g` and every patch token (`V_loc`)
 embedding space, as in FLAIR. The text tower is CLIP's causal transformer; its sentence
 embedding is the first EOT token's output, projected. Attribute names match `CLIPModel`
 (`vision_model`, `visual_projection`, `text_model`, `text_projection`) so the trained towers
-export to a standard Hugging Face CLIP checkpoint (`export_hf_clip`).
+export to a standard Hugging Face CLIP checkpoint (`export_hf_clip`). `checkpoint_layers`
+(`MemoryConfig.checkpoint_vision` / `checkpoint_text`) recomputes each transformer block in the
+backward pass instead of keeping its activations.
 """
 
 from pathlib import Path
@@ -15,6 +17,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
 from .config import GoldiCLIPConfig, TextConfig, VisionConfig
+from .memory import checkpoint_blocks
 
 
 def hf_vision_config(config: VisionConfig) -> CLIPVisionConfig:
@@ -48,10 +51,12 @@ def hf_text_config(config: TextConfig, projection_dim: int) -> CLIPTextConfig:
 
 
 class VisionTower(nn.Module):
-    def __init__(self, config: VisionConfig, embed_dim: int):
+    def __init__(self, config: VisionConfig, embed_dim: int, checkpoint_layers: bool = False):
         super().__init__()
         self.image_size = config.image_size
         self.vision_model = CLIPVisionModel(hf_vision_config(config))
+        if checkpoint_layers:
+            checkpoint_blocks(self.vision_model)
         self.visual_projection = nn.Linear(config.width, embed_dim, bias=False)
         # The model's pixel statistics on the 0-255 scale, for uint8 input (not saved: they come from the config).
         self.register_buffer("pixel_mean", 255 * torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
@@ -77,10 +82,12 @@ class VisionTower(nn.Module):
 
 
 class TextTower(nn.Module):
-    def __init__(self, config: TextConfig, embed_dim: int):
+    def __init__(self, config: TextConfig, embed_dim: int, checkpoint_layers: bool = False):
         super().__init__()
         self.eos_token_id = config.eos_token_id
         self.text_model = CLIPTextModel(hf_text_config(config, embed_dim))
+        if checkpoint_layers:
+            checkpoint_blocks(self.text_model)
         self.text_projection = nn.Linear(config.width, embed_dim, bias=False)
 
     @property

@@ -1,7 +1,11 @@
-"""The ``goldiclip`` command line: one command per stage, ``run`` for the DAG, ``demo``.
+"""The ``goldiclip`` command line: one command per stage, ``run`` for the DAG, ``demo``, ``verify``.
 
 CLI flags only pick the config (a file or a preset) and overrides
 (``--set download.shard_size=1000``); everything else is in the config file.
+
+A bad config, or a missing input the requested stages need (``tasks.preflight``), is one
+line on stderr and exit code 2 within seconds: the config is checked before the flows,
+Prefect and Ray are even imported, and nothing is written to the dataset root.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import typer
 
 import pipelines  # noqa: F401 - sets Prefect's environment defaults before Prefect loads
 from pipelines.common import resolve_config
-from pipelines.dag import STAGE_FLOWS, goldiclip_pipeline
 from tasks.config import ConfigError, PipelineConfig
+from tasks.overview import STAGE_ORDER
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -25,20 +29,38 @@ SetOpt = typer.Option([], "--set", "-s", help="Override a config key: dotted.key
 ForceOpt = typer.Option(False, "--force", help="Redo shards already done with the same config.")
 
 
-def _config_ref(config: Path | None, preset: str | None) -> str:
+def _fail(message: str) -> typer.Exit:
+    """One line on stderr; the caller raises the returned exit (code 2: the user's mistake)."""
+    typer.secho(" ".join(message.split()), fg="red", err=True)
+    return typer.Exit(2)
+
+
+def _stage_list(option: str, value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in STAGE_ORDER]
+    if unknown:
+        raise _fail(f"{option}: unknown stage(s) {unknown}; stages are {list(STAGE_ORDER)}")
+    return names
+
+
+def _load(config: Path | None, preset: str | None, overrides: list[str],
+          stages: list[str] | None = None) -> tuple[str, PipelineConfig]:
+    """The validated config, and the pre-flight checks of ``stages`` (None: none), before Prefect or
+    Ray load, so a mistake fails in a second with a clear message."""
     if (config is None) == (preset is None):
-        raise typer.BadParameter("give exactly one of --config FILE or --preset NAME")
-    return str(config) if config is not None else f"preset:{preset}"
-
-
-def _load(config: Path | None, preset: str | None, overrides: list[str]) -> tuple[str, PipelineConfig]:
-    """Validate before Prefect starts, so a bad config fails in a second with a clear message."""
-    ref = _config_ref(config, preset)
+        raise _fail("give exactly one of --config FILE or --preset NAME")
+    ref = str(config) if config is not None else f"preset:{preset}"
     try:
-        return ref, resolve_config(ref, overrides)
+        cfg = resolve_config(ref, overrides)
+        if stages is not None:
+            from tasks.preflight import preflight
+
+            preflight(cfg, stages)
     except ConfigError as e:
-        typer.secho(str(e), fg="red", err=True)
-        raise typer.Exit(2) from None
+        raise _fail(str(e)) from None
+    return ref, cfg
 
 
 def print_summaries(summaries: dict[str, dict]) -> None:
@@ -69,7 +91,9 @@ def print_summaries(summaries: dict[str, dict]) -> None:
 def _stage_command(stage: str):
     def command(config: Path | None = ConfigOpt, preset: str | None = PresetOpt,
                 set_: list[str] = SetOpt, force: bool = ForceOpt) -> None:
-        ref, _ = _load(config, preset, set_)
+        ref, _ = _load(config, preset, set_, stages=[stage])
+        from pipelines.dag import STAGE_FLOWS
+
         summary = STAGE_FLOWS[stage](ref, overrides=set_, force=force)
         print_summaries({stage: summary})
 
@@ -77,7 +101,7 @@ def _stage_command(stage: str):
     return command
 
 
-for _stage in STAGE_FLOWS:
+for _stage in STAGE_ORDER:
     app.command(_stage)(_stage_command(_stage))
 
 
@@ -86,11 +110,45 @@ def run(config: Path | None = ConfigOpt, preset: str | None = PresetOpt, set_: l
         stages: str | None = typer.Option(None, help="Comma-separated subset of stages, in DAG order."),
         force: str | None = typer.Option(None, help="Comma-separated stages to redo.")) -> None:
     """Run the whole DAG (or a subset) as the parent flow goldiclip-pipeline."""
-    ref, _ = _load(config, preset, set_)
-    summaries = goldiclip_pipeline(
-        ref, overrides=set_, stages=stages.split(",") if stages else None, force=force.split(",") if force else None
-    )
+    wanted, redo = _stage_list("--stages", stages), _stage_list("--force", force)
+    ref, _ = _load(config, preset, set_, stages=wanted or list(STAGE_ORDER))
+    from pipelines.dag import goldiclip_pipeline
+
+    summaries = goldiclip_pipeline(ref, overrides=set_, stages=wanted, force=redo)
     print_summaries(summaries)
+
+
+@app.command()
+def verify(config: Path | None = ConfigOpt, preset: str | None = PresetOpt, set_: list[str] = SetOpt,
+           stages: str | None = typer.Option(None, help="Comma-separated stages to check (default: all on the root)."),
+           mark: bool = typer.Option(False, "--mark", help="Mark each damaged shard to be redone by its stage's "
+                                     "next run (a wrong size or a missing file is redone without it).")) -> None:
+    """Check every finished shard's output files (size and checksum) against its record; redo nothing.
+
+    Exit code 1 when anything is damaged.
+    """
+    from storage import DatasetLayout, exists
+    from tasks.verify import stages_on_root, verify_root
+
+    wanted = _stage_list("--stages", stages)
+    _, cfg = _load(config, preset, set_, stages=[])  # no stage runs: the root's pre-flight only
+    layout = DatasetLayout(cfg.dataset.root)
+    if not exists(layout.root):
+        raise _fail(f"dataset.root: {layout.root} does not exist; nothing to verify")
+    report = verify_root(layout, wanted or stages_on_root(layout), mark=mark)
+    for d in report.damaged:
+        typer.echo(f"DAMAGED {d.stage} shard {d.shard}: " + "; ".join(d.problems))
+    for stage, checked in report.checked.items():
+        damaged = sum(d.stage == stage for d in report.damaged)
+        old = report.unverifiable.get(stage, 0)
+        note = f", {old} without recorded outputs (written before checksums; not checked)" if old else ""
+        typer.echo(f"  {stage:<10} {checked} shard(s) checked, {damaged} damaged{note}")
+    if report.damaged:
+        stages_hit = ",".join(dict.fromkeys(d.stage for d in report.damaged))
+        what = "damaged, now marked to be redone" if mark else "damaged (--mark marks them to be redone)"
+        typer.echo(f"{len(report.damaged)} shard(s) {what}; rerun {stages_hit} and the stages after them")
+        raise typer.Exit(1)
+    typer.echo(f"verified {sum(report.checked.values())} shard(s) under {layout.root}: no damage")
 
 
 @app.command()
@@ -103,8 +161,10 @@ def demo(workdir: Path = typer.Option(Path("demo-run"), help="Where the demo's s
 
 
 @app.command("export")
-def export(checkpoint: Path = typer.Argument(..., help="A training checkpoint directory (or its checkpoint.pt)."),
-           out_dir: Path = typer.Argument(..., help="Where to write the Hugging Face CLIP checkpoint.")) -> None:
+def export(checkpoint: str = typer.Argument(..., help="A training checkpoint directory (or its checkpoint file); "
+                                               "a local path or an fsspec URL such as s3://..."),
+           out_dir: str = typer.Argument(..., help="Where to write the Hugging Face CLIP checkpoint (path or URL).")
+           ) -> None:
     """Write the student's towers as a Hugging Face CLIP checkpoint plus the pooling block."""
     from tasks.evaluate.export import export_checkpoint
 

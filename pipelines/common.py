@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import ValidationError
-
-from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.config import ConfigError, PipelineConfig, load_config, validate_config
 
 
 def resolve_config(config: str | dict | PipelineConfig, overrides: list[str] | None = None) -> PipelineConfig:
@@ -17,10 +15,7 @@ def resolve_config(config: str | dict | PipelineConfig, overrides: list[str] | N
             raise ConfigError("overrides apply to a config file or preset, not to a config object")
         return config
     if isinstance(config, dict):
-        try:
-            return PipelineConfig.model_validate(config)
-        except ValidationError as e:
-            raise ConfigError(str(e)) from None
+        return validate_config(config, "config mapping")
     if config.startswith("preset:"):
         return load_config(preset=config.removeprefix("preset:"), overrides=overrides)
     return load_config(config, overrides=overrides)

@@ -15,6 +15,7 @@ from pipelines.shards import shards_flow
 from pipelines.train import train_flow
 from pipelines.vqa import vqa_flow
 from tasks.config import ConfigError, PipelineConfig
+from tasks.preflight import preflight
 
 # In DAG order; each flow takes (config, overrides, force) and returns its summary.
 STAGE_FLOWS = {
@@ -42,6 +43,7 @@ def goldiclip_pipeline(
     unknown = sorted(set(wanted) - set(STAGE_FLOWS)) + sorted(set(force or []) - set(STAGE_FLOWS))
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(STAGE_FLOWS)}")
+    preflight(cfg, wanted)  # e.g. a missing URL list, before the first stage starts (deployments too)
     logger = get_run_logger()
     summaries = {}
     for name, stage_flow in STAGE_FLOWS.items():

@@ -1,8 +1,9 @@
 """Evaluate flow: zero-shot retrieval and classification of the trained checkpoint (METHOD.md sec. 9).
 
-One task per evaluation set (the UI shows each with its logs); the metrics go to
-``<root>/eval/metrics.json`` and the ``evaluate-metrics`` table artifact. A rerun with the
-same config and checkpoint files returns the earlier metrics; ``force=True`` recomputes.
+The evaluate stage (tasks/evaluate/stage.py) does the work and its skip-if-done: a rerun with
+the same config and checkpoint files returns the earlier metrics; ``force=True`` recomputes.
+This flow runs each evaluation set as a task (the UI shows each with its logs) and publishes the
+metrics (``<root>/eval/metrics.json``) as the ``evaluate-metrics`` table artifact.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.common import resolve_config
 from tasks.config import EvalDatasetConfig, EvaluateConfig, PipelineConfig
-from tasks.evaluate.stage import describe_retrieval, evaluate_one_set, metrics_path, run_evaluation, stage_summary
+from tasks.evaluate.stage import EvaluateStage, describe_retrieval, evaluate_one_set, metrics_path
+from tasks.stage import run_stage
 
 
 @task(cache_policy=NO_CACHE)
@@ -51,16 +53,13 @@ def evaluate_flow(
     """Write ``eval/metrics.json``: R@1/5/10 both ways per mode, classification top-1/5, chance levels."""
     cfg = resolve_config(config, overrides)
     logger = get_run_logger()
-    names = [d.name for d in cfg.evaluate.datasets]
-    if not names:
+    if not cfg.evaluate.datasets:
         logger.warning("evaluate: no evaluation sets configured (evaluate.datasets); nothing to do")
-        return stage_summary({"counts": {}, "failures": {}, "seconds": 0.0, "checkpoint": None, "metrics": {},
-                              "skipped": True}, names)
-    result = run_evaluation(cfg, force=force, evaluate_one=_evaluate_as_task)
-    if result.get("skipped"):
+    summary = run_stage(EvaluateStage(cfg, evaluate_one=_evaluate_as_task), force=force)
+    if summary["last_run"]["skipped"]:
         logger.info("evaluate: %s already holds this config's metrics for checkpoint %s; force=True redoes them",
-                    metrics_path(cfg), result["checkpoint"])
-    else:
-        logger.info("evaluate: checkpoint %s -> %s", result["checkpoint"], metrics_path(cfg))
-    publish_metrics(result["metrics"])
-    return stage_summary(result, names)
+                    metrics_path(cfg), summary["checkpoint"])
+    elif summary["last_run"]["processed"]:
+        logger.info("evaluate: checkpoint %s -> %s", summary["checkpoint"], metrics_path(cfg))
+    publish_metrics(summary["metrics"])
+    return summary

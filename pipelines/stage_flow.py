@@ -174,9 +174,10 @@ def run_stage_flow(stage: Stage, *, force: bool = False) -> dict:
         logger.info("%s: %s %s/s this run (%d shards in %.1f s)", stage.name, f"{rate:,.1f}",
                     stage.throughput_count, len(summary["last_run"]["processed"]), wall_seconds)
     if failed:
+        first = min(failed)  # its error names what to do, e.g. the damaged input file and its shard
         raise RuntimeError(
             f"{stage.name}: {len(failed)} shard(s) failed ({', '.join(sorted(failed))}); "
-            "finished shards are kept, rerun the stage to retry the rest"
+            f"shard {first}: {failed[first][:500]}; finished shards are kept, rerun the stage to retry the rest"
         )
     return summary
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -99,3 +101,51 @@ def remove_stale_temporaries(url_dir: str) -> int:
         with contextlib.suppress(FileNotFoundError):
             fs.rm(p)
     return len(stale)
+
+
+def local_path(url: str) -> str | None:
+    """The absolute local path of ``url``, or None when it lives on another filesystem."""
+    fs, path = open_fs(url)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return path if "file" in protocols else None
+
+
+def put_dir(local_dir: str, url: str, *, last: str | None = None) -> None:
+    """Copy the files of ``local_dir`` under ``url``, each atomically; ``last`` (a file name
+    readers take as the completion marker) is written after every other file."""
+    names = sorted(os.path.relpath(os.path.join(directory, name), local_dir)
+                   for directory, _, files in os.walk(local_dir) for name in files)
+    for name in sorted(names, key=lambda n: n == last):  # stable: only `last` moves to the end
+        with open(os.path.join(local_dir, name), "rb") as src, atomic_write(join(url, name)) as dst:
+            shutil.copyfileobj(src, dst)
+
+
+@contextlib.contextmanager
+def local_copy(url: str) -> Iterator[str]:
+    """A local directory holding what ``url`` holds: ``url`` itself when local, else a temporary
+    download removed on exit (for readers that only take local paths, e.g. ``from_pretrained``)."""
+    if (path := local_path(url)) is not None:
+        yield path
+        return
+    fs, root = open_fs(url)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"no directory at {url}")
+    with tempfile.TemporaryDirectory(prefix="goldiclip-copy-") as tmp:
+        for remote in fs.find(root):
+            local = os.path.join(tmp, os.path.relpath(remote, root))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get_file(remote, local)
+        yield tmp
+
+
+@contextlib.contextmanager
+def staged_dir(url: str) -> Iterator[str]:
+    """A local directory to write into that becomes ``url``: ``url`` itself when local, else a
+    temporary directory uploaded (file by file, atomically) only when the block succeeds."""
+    if (path := local_path(url)) is not None:
+        os.makedirs(path, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="goldiclip-stage-") as tmp:
+        yield tmp
+        put_dir(tmp, url)

@@ -60,6 +60,17 @@ class DatasetLayout:
     def train_tar(self, shard: int | str) -> str:
         return join(self.train_dir, f"{shard_name(shard)}.tar")
 
+    def relative(self, url: str) -> str:
+        """``url`` as a path under the root (what records keep, so a root can be moved or copied)."""
+        prefix = self.root.rstrip("/") + "/"
+        if not url.startswith(prefix):
+            raise ValueError(f"{url} is not under the dataset root {self.root}")
+        return url[len(prefix):]
+
+    def absolute(self, path: str) -> str:
+        """The URL of ``path`` under the root (the inverse of ``relative``)."""
+        return join(self.root, path)
+
     def stage_summary(self, stage: str) -> str:
         return join(self.root, "_stages", f"{stage}.json")
 

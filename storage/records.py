@@ -1,8 +1,12 @@
-"""Stage records: which shards a stage finished, with what config, and what it counted.
+"""Stage records: which shards a stage finished, with what config, what it wrote and counted.
 
 A shard is done when ``_stages/<stage>/<shard>.json`` exists with ``done: true``;
 it is written last, after the shard's outputs are in place, so a record never
-claims outputs that are missing. ``_stages/<stage>.json`` summarises them.
+claims outputs that are missing. ``outputs`` holds each output file's path under
+the root, size and checksum (``storage.integrity``), so anyone can tell whether the
+files are still the ones written. A reader that finds one damaged *invalidates*
+the record (``done: false`` and why, in ``invalidated``): the stage redoes the shard
+on its next run. ``_stages/<stage>.json`` summarises them.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from storage.fs import open_fs, read_json, write_json
+from storage.integrity import FileDigest, file_problem
 from storage.layout import DatasetLayout, shard_name
 
 
@@ -24,10 +29,19 @@ class ShardRecord:
     seconds: float = 0.0
     done: bool = True
     finished_at: float = field(default_factory=time.time)
+    # name -> {"path": relative to the root, "size": bytes, "checksum": "crc32:..."}; empty in
+    # records written before outputs were recorded.
+    outputs: dict[str, dict] = field(default_factory=dict)
+    # Why the record no longer vouches for its outputs (a damaged file found by a reader).
+    invalidated: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> ShardRecord:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def output_digests(self) -> dict[str, tuple[str, FileDigest]]:
+        """name -> (path under the root, recorded digest) of every recorded output."""
+        return {name: (o["path"], FileDigest.from_dict(o)) for name, o in self.outputs.items()}
 
 
 class StageRecords:
@@ -47,6 +61,23 @@ class StageRecords:
 
     def put(self, record: ShardRecord) -> None:
         write_json(self.layout.stage_shard_record(self.stage, record.shard), asdict(record))
+
+    def invalidate(self, shard: int | str, reason: str) -> None:
+        """Mark a finished shard to be redone by its stage's next run, saying why."""
+        rec = self.get(shard)
+        if rec is not None:
+            rec.done, rec.invalidated = False, reason
+            self.put(rec)
+
+    def output_problems(self, record: ShardRecord, *, checksums: bool = True) -> list[str]:
+        """``"<path>: <problem>"`` for each recorded output that is missing or differs (sizes only
+        without ``checksums``: one stat per file)."""
+        problems = []
+        for path, digest in record.output_digests().values():
+            problem = file_problem(self.layout.absolute(path), digest, checksum=checksums)
+            if problem:
+                problems.append(f"{path}: {problem}")
+        return problems
 
     def all(self) -> list[ShardRecord]:
         fs, path = open_fs(self.layout.stage_dir(self.stage))

@@ -11,11 +11,13 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-import webdataset as wds
-
 from storage.fs import atomic_write, open_fs
+from storage.integrity import ChecksumReader, DigestMismatch, FileDigest
 
 MAX_SAMPLES_PER_SHARD = 10_000  # four index digits in a key
+# Every member's mtime: a tar written twice from the same samples is the same bytes, so
+# its checksum (storage.integrity) says whether a rewrite changed anything downstream.
+MEMBER_MTIME = 0
 
 
 def make_key(shard: int | str, index: int) -> str:
@@ -35,11 +37,13 @@ class ShardWriter:
         self._keys: set[str] = set()
         self._ctx = atomic_write(url, "wb")
         self._file = None
-        self._tar: wds.TarWriter | None = None
+        self._tar = None
 
     def __enter__(self) -> ShardWriter:
+        import webdataset as wds  # imports torch (~1.5 s): only writers pay for it, not every `import storage`
+
         self._file = self._ctx.__enter__()
-        self._tar = wds.TarWriter(self._file)
+        self._tar = wds.TarWriter(self._file, mtime=MEMBER_MTIME)
         return self
 
     def write(self, key: str, files: dict[str, Any]) -> None:
@@ -64,10 +68,31 @@ class ShardWriter:
         return self._ctx.__exit__(exc_type, exc, tb)
 
 
-def iter_shard(url: str, decode_json: bool = True) -> Iterator[dict[str, Any]]:
-    """Samples of a tar in file order: ``{"__key__": key, "jpg": bytes, "json": dict, ...}``."""
+def iter_shard(url: str, decode_json: bool = True, expected: FileDigest | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of a tar in file order: ``{"__key__": key, "jpg": bytes, "json": dict, ...}``.
+
+    With ``expected`` (the digest its shard record holds) the tar is checksummed as it
+    streams and ``DigestMismatch`` is raised at its end, or where it breaks, when it is
+    not that file; samples already yielded then came from a damaged file.
+    """
     fs, path = open_fs(url)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with fs.open(path, "rb") as raw:
+        f = ChecksumReader(raw, url) if expected is not None else raw
+        try:
+            yield from _samples(f, decode_json)
+        except (tarfile.TarError, EOFError) as e:
+            if expected is not None:
+                try:
+                    f.check(expected)
+                except DigestMismatch as mismatch:
+                    raise mismatch from e
+            raise
+        if expected is not None:
+            f.check(expected)
+
+
+def _samples(f, decode_json: bool) -> Iterator[dict[str, Any]]:
+    with tarfile.open(fileobj=f, mode="r|") as tar:
         current: dict[str, Any] | None = None
         for member in tar:
             if not member.isfile():

@@ -36,7 +36,7 @@ class Section(BaseModel):
 
 
 class DatasetConfig(Section):
-    root: str = Field(description="Dataset root: a local path or an fsspec URL such as s3://bucket/open30m.")
+    root: str = Field(min_length=1, description="Dataset root: a local path or an fsspec URL such as s3://bucket/open30m.")
 
 
 class SourceConfig(Section):
@@ -52,7 +52,14 @@ class SourceConfig(Section):
 
 
 class DownloadConfig(Section):
-    NOT_IN_FINGERPRINT = frozenset({"processes", "concurrency"})
+    """HTTP fetch and image processing of the URL lists; passed whole to ``tasks/download``.
+
+    Memory per download process (README, "Download memory"): at most ``decode_threads`` x
+    (16 bytes x ``max_pixels`` + 32 MiB) for decoding, plus ``concurrency`` x ``max_bytes`` of
+    bodies in flight, over the process's baseline.
+    """
+
+    NOT_IN_FINGERPRINT = frozenset({"processes", "concurrency", "decode_threads"})
 
     shard_size: int = Field(default=5000, ge=1, le=10_000, description="URLs per shard (keys hold 4 index digits).")
     processes: int = Field(default=2, ge=1, description="Download processes per machine.")
@@ -60,10 +67,30 @@ class DownloadConfig(Section):
     timeout_s: float = Field(default=20.0, gt=0, description="Per-request timeout (connect to last byte).")
     retries: int = Field(default=3, ge=0, description="Retries on transient errors (timeouts, 429, 5xx).")
     backoff_s: float = Field(default=0.5, ge=0, description="First retry delay; doubles per retry, with jitter.")
+    max_retry_after_s: float = Field(
+        default=60.0, ge=0,
+        description="A 429 or 503 with Retry-After (seconds or an HTTP date) waits what it asks, at most this long.",
+    )
     max_bytes: int = Field(default=20 * 2**20, ge=1024, description="Size cap of one downloaded file.")
     max_redirects: int = Field(default=5, ge=0, description="Redirect hops followed (each one re-checked).")
     short_side: int = Field(default=256, ge=16, description="Resize so the short side is this (never upsample).")
     min_side: int = Field(default=10, ge=1, description="Reject images whose short side is smaller.")
+    max_pixels: int = Field(
+        default=64_000_000, ge=1, le=178_956_970,
+        description="Decompression-bomb cap: an image with more pixels is refused from its header "
+        "(too_many_pixels) before it is decoded. Pillow's own cap is 89,478,485 (and twice that is an error). "
+        "One decode costs at most 16 bytes per pixel of the cap (WebP; PNG 4, progressive JPEG 8).",
+    )
+    decode_threads: int = Field(
+        default=2, ge=1,
+        description="Threads per download process that decode, resize and re-encode images; each holds at "
+        "most one decoded image.",
+    )
+    resample: Literal["bicubic", "bilinear", "box", "lanczos"] = Field(
+        default="bicubic",
+        description="Downscaling filter after the box reduction; it is most of an image's CPU cost: box "
+        "(area averaging, like img2dataset's cv2.INTER_AREA) is the cheapest, about a third of bicubic's.",
+    )
     jpeg_quality: int = Field(default=90, ge=50, le=100, description="Quality of the re-encoded JPEG.")
     user_agent: str = Field(default="goldiclip-pipeline/0.1", description="User-Agent header sent with every request.")
     allow_private_addresses: bool = Field(
@@ -317,34 +344,45 @@ class EvalDatasetConfig(Section):
     """One evaluation set (METHOD.md sec. 9): a retrieval set or a folder of class subfolders."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="Prefix of this set's metric names.")
-    format: Literal["coco", "flickr30k", "jsonl", "classification"] = Field(
-        description="coco: captions_val2017.json; flickr30k: Karpathy-style dataset_flickr30k.json "
-        "(images[].split/filename/sentences[].raw); jsonl: one {image, caption} (or {image, captions}) per "
-        "line, several lines per image allowed; classification: a folder of class subfolders of images."
+    format: Literal[
+        "coco", "flickr30k", "jsonl", "docci", "iiw", "dci", "urban1k", "rvqa",
+        "voc20", "cityscapes", "context59", "ade20k", "coco_stuff",
+        "classification", "food101", "cifar10", "cifar100", "sun397", "cars", "aircraft", "dtd", "pets",
+        "flowers102", "imagenet",
+    ] = Field(
+        description="Retrieval: coco (captions_val2017.json), flickr30k (Karpathy-style dataset_flickr30k.json), "
+        "jsonl (one {image, caption} or {image, captions} per line), docci, iiw (fine-grained), dci, urban1k "
+        "(long text); question retrieval: rvqa; segmentation: voc20, cityscapes, context59, ade20k, coco_stuff; "
+        "classification: classification (a folder of class subfolders) and the paper's ten datasets. Each "
+        "format's files: README, 'Evaluation suite'.",
     )
-    path: str = Field(description="The annotation file (coco, flickr30k, jsonl) or the class-folder root.")
+    path: str = Field(description="The annotation file (coco, flickr30k, jsonl, rvqa), else the dataset's directory "
+                      "as it unpacks (README, 'Evaluation suite').")
     images: str | None = Field(
         default=None,
-        description="Image directory; required for coco and flickr30k, for jsonl default: the jsonl's directory.",
+        description="Image directory; required for coco, flickr30k and rvqa (Visual Genome's); for jsonl default: "
+        "the jsonl's directory; for docci, iiw, dci and urban1k default: where FLAIR's layout puts them.",
     )
-    split: str = Field(default="test", description="flickr30k: the Karpathy split to read.")
-    templates: list[str] = Field(
-        default=["a photo of a {}."], min_length=1,
-        description="classification: prompt templates, {} is the class name (folder name, _ -> space).",
+    split: str = Field(default="test", description="flickr30k: the Karpathy split to read; rvqa: RetVQA's split.")
+    templates: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Classification and segmentation prompt templates, {} is the class name. None: the dataset's "
+        "CLIP templates (segmentation: the 80 ImageNet ones), for class folders 'a photo of a {}.'.",
     )
-    max_images: int | None = Field(default=None, ge=1, description="Take only the first N images (smoke runs).")
+    max_images: int | None = Field(default=None, ge=1, description="Take only the first N images (rvqa: questions; "
+                                   "classification: spread over the classes) for smoke runs.")
 
     @field_validator("templates")
     @classmethod
-    def _templates_have_a_slot(cls, templates: list[str]) -> list[str]:
-        missing = [t for t in templates if "{}" not in t]
+    def _templates_have_a_slot(cls, templates: list[str] | None) -> list[str] | None:
+        missing = [t for t in templates or [] if "{}" not in t]
         if missing:
             raise ValueError(f"every template needs a {{}} for the class name; these have none: {missing}")
         return templates
 
 
 class EvaluateConfig(Section):
-    """Zero-shot retrieval and classification of a checkpoint (METHOD.md sec. 9, FLAIR protocol)."""
+    """The paper's zero-shot evaluation suite on a checkpoint (METHOD.md sec. 9, FLAIR protocol)."""
 
     NOT_IN_FINGERPRINT = frozenset({"device", "image_batch_size", "text_batch_size", "score_image_chunk",
                                     "score_text_chunk", "loader_threads"})
@@ -363,7 +401,8 @@ class EvaluateConfig(Section):
     modes: list[Literal["conditioned", "agnostic", "rerank"]] = Field(
         default=["conditioned", "agnostic", "rerank"], min_length=1,
         description="conditioned: cos(pool(t, V_loc), t) for every pair; agnostic: cos(v_g, t); rerank: "
-        "agnostic top-k, re-ranked with conditioned scores. Classification is always agnostic.",
+        "agnostic top-k, re-ranked with conditioned scores. Classification is always agnostic, segmentation "
+        "always conditioned (per-patch, without the attention sink); rvqa scores its pools in the first two.",
     )
     rerank_top_k: int = Field(default=10, ge=1, description="Candidates the rerank mode re-scores per query.")
     resize_mode: Literal["center_crop", "squash"] = Field(
@@ -376,7 +415,7 @@ class EvaluateConfig(Section):
         default="auto", description="Autocast dtype; auto: bfloat16 on an accelerator, float32 on the CPU."
     )
     device: str = Field(default="auto", description="auto (an accelerator when torch sees one, else cpu) or a torch device.")
-    image_batch_size: int = Field(default=64, ge=1, description="Images per vision forward pass.")
+    image_batch_size: int = Field(default=64, ge=1, description="Images (segmentation: windows) per vision forward pass.")
     text_batch_size: int = Field(default=256, ge=1, description="Texts per text forward pass.")
     score_image_chunk: int = Field(default=64, ge=1, description="Images per tile of text-conditioned scoring.")
     score_text_chunk: int = Field(default=1024, ge=1, description="Texts (or re-ranked pairs) per scoring tile.")
@@ -390,9 +429,33 @@ class EvaluateConfig(Section):
         if dupes:
             raise ValueError(f"evaluation set names must be unique; repeated: {dupes}")
         for d in datasets:
-            if d.format in ("coco", "flickr30k") and not d.images:
+            if d.format in ("coco", "flickr30k", "rvqa") and not d.images:
                 raise ValueError(f"evaluation set {d.name!r} ({d.format}) needs `images`, the image directory")
         return datasets
+
+
+class TrainMemoryConfig(Section):
+    """Memory options of the training step, the model's `MemoryConfig` (model/config.py): each trades
+    compute for GPU memory and none changes a loss or a gradient. All off; `bench/train_memory.py
+    --plan` says which a GPU needs for a batch (README, "Fitting the training step on a GPU")."""
+
+    checkpoint_vision: bool = Field(
+        default=False, description="Recompute each ViT block in the backward pass instead of keeping its activations."
+    )
+    checkpoint_text: bool = Field(
+        default=False, description="The same for each text-transformer block (captions and decoder inputs)."
+    )
+    checkpoint_decoder: bool = Field(default=False, description="The same for each decoder layer.")
+    pooling_chunk_size: int | None = Field(
+        default=None, ge=1,
+        description="Images per chunk of the text-conditioned pooling (each image meets K + global batch - 1 texts), "
+        "recomputed in the backward pass; None: all at once.",
+    )
+    head_chunk_size: int | None = Field(
+        default=None, ge=1,
+        description="Images per chunk of the DINO heads' prototype logits, recomputed in the backward pass; "
+        "None: all at once.",
+    )
 
 
 class TrainConfig(Section):
@@ -401,12 +464,13 @@ class TrainConfig(Section):
 
     NOT_IN_FINGERPRINT = frozenset({
         "use_gpu", "resources_per_worker", "loader_workers", "prefetch_factor", "checkpoint_every",
-        "num_to_keep", "max_failures", "log_every", "compile",
+        "num_to_keep", "max_failures", "log_every", "compile", "memory",
     })
 
     preset: str = Field(default="B/16", description="Model preset (model/config.py PRESETS: debug, B/16).")
     model_overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Nested overrides of the preset, e.g. {decoder: {enabled: false}}."
+        default_factory=dict, description="Nested overrides of the preset, e.g. {decoder: {enabled: false}}; "
+        "memory options go in `train.memory`."
     )
     tokenizer: str = Field(
         default="openai/clip-vit-base-patch16",
@@ -446,6 +510,18 @@ class TrainConfig(Section):
     max_failures: int = Field(default=3, ge=0, description="Worker-group restarts from the last checkpoint.")
     log_every: int = Field(default=50, ge=1, description="Steps between metric rows (logs, progress, plots).")
     seed: int = 0
+    memory: TrainMemoryConfig = Field(default_factory=TrainMemoryConfig)
+
+    @field_validator("model_overrides")
+    @classmethod
+    def _memory_in_its_own_section(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        if "memory" in overrides:
+            raise ValueError("memory options go in train.memory, not train.model_overrides")
+        return overrides
+
+    def model_overrides_with_memory(self) -> dict[str, Any]:
+        """`get_preset(preset, **this)`: the preset's overrides plus `memory`, the model's MemoryConfig."""
+        return {**self.model_overrides, "memory": self.memory.model_dump()}
 
 
 class PipelineConfig(Section):
@@ -480,14 +556,42 @@ def fingerprint(*parts: Any) -> str:
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid configuration ({origin}):"]
+    """Every problem on one line: ``invalid configuration (c.yaml): download.shard_size: ... (got 0)``."""
+    problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        msg = " ".join(e["msg"].split())
         if e["type"] == "extra_forbidden":
             msg = "unknown key (you probably got a typo; see the configuration reference in README.md)"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+        elif e["type"] != "missing":
+            given = repr(e.get("input"))
+            msg += f" (got {given if len(given) <= 60 else given[:57] + '...'})"
+        problems.append(f"{loc}: {msg}")
+    return f"invalid configuration ({origin}): " + "; ".join(problems)
+
+
+def _read_config_text(source: Path) -> str:
+    try:
+        return source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {source}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {source} is a directory, not a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {source} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); is it the right file?") from None
+    except OSError as e:
+        raise ConfigError(f"config file {source} cannot be read: {e.strerror or e}") from None
+
+
+def _parse_yaml(text: str, source: Path) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"config file {source} is not valid YAML: {where}{problem}") from None
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -534,12 +638,7 @@ def load_config(
     if (path is None) == (preset is None):
         raise ConfigError("give exactly one of a config file or a preset")
     source = Path(path) if path is not None else preset_path(preset)
-    try:
-        data = yaml.safe_load(source.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {source}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {source} is not valid YAML: {e}") from None
+    data = _parse_yaml(_read_config_text(source), source) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {source} must hold a mapping at the top level")
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
@@ -548,7 +647,12 @@ def load_config(
             set_dotted(data, key, value)
         except (IndexError, ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"override {key}={value!r} does not fit the config: {e}") from None
+    return validate_config(data, str(source))
+
+
+def validate_config(data: Any, origin: str) -> PipelineConfig:
+    """``data`` (a parsed config mapping) as a config; a ConfigError names every bad key, on one line."""
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(source))) from None
+        raise ConfigError(_format_errors(e, origin)) from None

@@ -23,10 +23,14 @@ How samples are shuffled while each output stays its own idempotent unit:
 - So every output shard is computed on its own from its window's inputs: it is
   one stage unit with its own record, written atomically (temporary name, then
   rename); killed mid-write, a rerun finds no record and rebuilds it. Its
-  fingerprint covers the config, its position and the records of every input of
-  its window in every upstream stage (download, captions, phrases, boxes, vqa),
-  so finishing e.g. the boxes of one input shard redoes exactly the outputs of
-  its window, and appending input shards leaves earlier windows alone.
+  fingerprint covers the config, its position and the recorded outputs (size and
+  checksum) of every input of its window in every upstream stage (download,
+  captions, phrases, boxes, vqa), so finishing or changing e.g. the boxes of one
+  input shard redoes exactly the outputs of its window, and appending input shards
+  leaves earlier windows alone.
+- Every input is checked against its record before it is used (the tables in full,
+  the tars by size, then by checksum while they stream); a damaged one fails the
+  outputs of its window, naming it, and marks its upstream shard to be redone.
 
 The price is reading: each output streams its window's tars (about
 ``shuffle_window`` input shards) and keeps only its own slice, so images are read
@@ -45,8 +49,9 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from storage import ShardWriter, StageRecords, exists, iter_shard, read_table
+from storage import ShardRecord, ShardWriter, StageRecords, exists, iter_shard, read_table
 from storage.fs import open_fs, remove_stale_temporaries
+from storage.integrity import DigestMismatch
 from storage.tables import CAPTIONERS
 from tasks.config import ShardsConfig, fingerprint
 from tasks.stage import ShardOutcome, Stage
@@ -101,19 +106,23 @@ class TrainingShardsStage(Stage):
     task_name = "write_training_shard"
     throughput_count = "samples"
     upstream = ("download", *ANNOTATIONS)
+    # Each output streams its window's tars anyway: their checksums are checked on the way.
+    checked_while_reading = frozenset({("download", "tar")})
 
     @property
     def section(self) -> ShardsConfig:
         return self.config.shards
 
-    def _records(self, stage: str) -> dict[str, object]:
+    def _records(self, stage: str) -> dict[str, ShardRecord]:
         return {r.shard: r for r in StageRecords(self.layout, stage).all()}
 
     @functools.cached_property
     def plan(self) -> list[OutputShard]:
         cfg = self.section
         self._upstream = {stage: self._records(stage) for stage in self.upstream}
-        inputs = sorted(s for s, r in self._upstream["download"].items() if r.done)
+        # A shard marked to be redone keeps its place: its window waits for it (and says so)
+        # rather than being re-planned without it.
+        inputs = sorted(s for s, r in self._upstream["download"].items() if r.done or r.invalidated)
         plan: list[OutputShard] = []
         for w in range(0, len(inputs), cfg.shuffle_window):
             window = tuple(inputs[w : w + cfg.shuffle_window])
@@ -143,13 +152,19 @@ class TrainingShardsStage(Stage):
     def list_shards(self) -> list[str]:
         return [f"{out.index:05d}" for out in self.plan]
 
+    def output_files(self, shard: str) -> dict[str, str]:
+        return {"tar": self.layout.train_tar(shard)}
+
+    def input_shards(self, shard: str) -> dict[str, list[str]]:
+        return {stage: list(self.plan[int(shard)].inputs) for stage in self.upstream}
+
+    def upstream_record(self, stage: str, shard: str) -> ShardRecord | None:
+        self.plan  # noqa: B018 - reads every upstream record once per run
+        return self._upstream[stage].get(shard)
+
     def fingerprint(self, shard: str) -> str:
         out = self.plan[int(shard)]
-        inputs = {
-            stage: {s: (records[s].fingerprint if s in records else None) for s in out.inputs}
-            for stage, records in self._upstream.items()
-        }
-        return fingerprint(self.name, self.section.fingerprint_payload(), (out.part, out.num_parts), inputs)
+        return fingerprint(super().fingerprint(shard), out.part, out.num_parts)
 
     def _table(self, kind: str, shard: str, columns: list[str]) -> dict[str, dict]:
         url = self.layout.images_table(shard) if kind == "downloads" else self.layout.annotation(kind, shard)
@@ -180,19 +195,24 @@ class TrainingShardsStage(Stage):
         lo, hi = (len(ranked) * out.part) // out.num_parts, (len(ranked) * (out.part + 1)) // out.num_parts
         position = {k: i for i, k in enumerate(ranked[lo:hi])}
 
+        tars = {f.shard: f for f in self.input_files(shard) if (f.stage, f.name) == ("download", "tar")}
         samples: list[tuple[int, str, dict]] = []
         for s in out.inputs:
             if not exists(self.layout.images_tar(s)):
                 continue
-            for sample in iter_shard(self.layout.images_tar(s)):
-                key = sample["__key__"]
-                if key in position and "jpg" in sample:
-                    doc = sample_json(
-                        sample.get("json") or {"key": key}, tables["captions"].get(key),
-                        (tables["phrases"].get(key) or {}).get("phrases"), tables["boxes"].get(key),
-                        (tables["vqa"].get(key) or {}).get("qa"),
-                    )
-                    samples.append((position[key], sample["jpg"], doc))
+            expected = tars[s].expected if s in tars else None  # None: a record from before checksums
+            try:
+                for sample in iter_shard(self.layout.images_tar(s), expected=expected):
+                    key = sample["__key__"]
+                    if key in position and "jpg" in sample:
+                        doc = sample_json(
+                            sample.get("json") or {"key": key}, tables["captions"].get(key),
+                            (tables["phrases"].get(key) or {}).get("phrases"), tables["boxes"].get(key),
+                            (tables["vqa"].get(key) or {}).get("qa"),
+                        )
+                        samples.append((position[key], sample["jpg"], doc))
+            except DigestMismatch as e:
+                raise self.input_damaged(tars[s], e.problem) from None
         failures["image_missing"] = len(position) - len(samples)
         samples.sort(key=lambda item: item[0])
 

@@ -1,22 +1,44 @@
 """The stage contract (DESIGN.md) as one small base class every stage shares.
 
-A stage lists its shards, fingerprints each (its config section + its inputs'
-records), skips shards already done with the same fingerprint, processes the
-rest, writes outputs atomically, and records counts, failures by reason and
-seconds per shard. Orchestration (Prefect tasks, concurrency, artifacts) lives
-in ``pipelines/``; everything here runs and is tested without Prefect.
+A stage lists its shards, fingerprints each, skips shards already done with the
+same fingerprint, processes the rest, writes outputs atomically, and records
+counts, failures by reason, seconds and its output files (size and checksum) per
+shard. Orchestration (Prefect tasks, concurrency, artifacts) lives in
+``pipelines/``; everything here runs and is tested without Prefect.
+
+The fingerprint of a shard is its stage's name and ``code_version``, its config
+section (minus speed-only knobs), ``extra_fingerprint`` and what its inputs *are*:
+the size and checksum of every upstream output it reads, as the upstream records
+say. So whatever changes an upstream output (a config change, ``--force``, a fixed
+bug, a new model) redoes the shards that read it, and through their outputs every
+later stage; a rewrite that leaves the bytes as they were redoes nothing downstream.
+
+Integrity: before ``process`` a shard checks its inputs against the upstream records
+(sizes always, checksums unless the stage checks them while streaming the file);
+a mismatch invalidates the upstream record, so its stage redoes that shard on its
+next run, and fails this shard with ``InputDamaged`` naming the file. A shard about to
+be skipped checks its own outputs' sizes (one stat each) and is redone when one is
+missing or cut short.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from storage import DatasetLayout, ShardRecord, StageRecords
+from storage.integrity import FileDigest, file_digest, file_problem
 from tasks.config import PipelineConfig, Section, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+# The one unit of a stage whose work is not split into shards (a training run, an evaluation).
+SINGLE_UNIT = "00000"
 
 
 @dataclass
@@ -25,6 +47,24 @@ class ShardOutcome:
 
     counts: Counter = field(default_factory=Counter)
     failures: Counter = field(default_factory=Counter)
+
+
+class InputDamaged(RuntimeError):
+    """An input file is not what its upstream record says (or that record was invalidated).
+
+    Not an ``OSError``: retrying the shard cannot help; the upstream stage must redo its shard.
+    """
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file a shard reads: which upstream stage and shard wrote it, and what its record says."""
+
+    stage: str
+    shard: str
+    name: str  # the output's name in that stage (``tar``, ``table``)
+    url: str
+    expected: FileDigest
 
 
 @dataclass
@@ -43,8 +83,16 @@ class Stage(ABC):
     # The Prefect task run per shard, verb_noun (``download_shard``, ``detect_boxes``), so the
     # UI and the logs say what ran.
     task_name: str
-    # Stages whose per-shard records feed this stage's fingerprint.
+    # Bump when a change to this stage's code changes what it writes: its shards are redone,
+    # and the stages downstream with them wherever the output bytes changed.
+    code_version: ClassVar[int] = 1
+    # Stages whose outputs this stage reads (their records feed its fingerprint and checks).
     upstream: tuple[str, ...] = ()
+    # The outputs (by name) this stage reads of an upstream stage; a stage left out: all of them.
+    reads: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # (upstream stage, output name) whose checksum ``process`` checks while it streams the file
+    # (``iter_shard(expected=...)``) rather than in a read before it; sizes are checked first anyway.
+    checked_while_reading: ClassVar[frozenset[tuple[str, str]]] = frozenset()
     # The count whose rate (per second) the orchestrator reports, e.g. "images".
     throughput_count: str | None = None
 
@@ -74,32 +122,130 @@ class Stage(ABC):
     def process(self, shard: str) -> ShardOutcome:
         """Produce every output of ``shard`` atomically; count, never raise, on bad data."""
 
+    def discard(self, shard: str) -> None:
+        """Before a forced redo: delete what earlier runs left of ``shard`` that ``process`` would
+        resume from instead of redoing (its record first). Most stages overwrite; nothing to do."""
+
     def extra_fingerprint(self) -> Any:
-        """Anything besides the config section and upstream records that decides the output."""
+        """Anything besides the config section and the inputs that decides the output (a model version)."""
         return None
 
+    def output_files(self, shard: str) -> dict[str, str]:
+        """The files ``process(shard)`` writes, by name (``{"table": url}``): the shard record keeps
+        each one's size and checksum, which later stages fingerprint and check. None declared:
+        downstream stages fall back to this stage's record fingerprint."""
+        return {}
+
+    def input_shards(self, shard: str) -> dict[str, list[str]]:
+        """The shards of each upstream stage that ``shard`` reads (default: the same shard of each)."""
+        return {stage: [shard] for stage in self.upstream}
+
+    def upstream_record(self, stage: str, shard: str) -> ShardRecord | None:
+        """The record of an upstream shard (a stage that already read them all may answer from memory)."""
+        return StageRecords(self.layout, stage).get(shard)
+
+    def input_files(self, shard: str) -> list[InputFile]:
+        """Every recorded upstream output ``shard`` reads (upstream shards not done have none)."""
+        files = []
+        for stage, shards in self.input_shards(shard).items():
+            wanted = self.reads.get(stage)
+            for s in shards:
+                rec = self.upstream_record(stage, s)
+                if rec is None or not rec.done:
+                    continue
+                for name, (path, digest) in rec.output_digests().items():
+                    if wanted is None or name in wanted:
+                        files.append(InputFile(stage, s, name, self.layout.absolute(path), digest))
+        return files
+
+    def upstream_fingerprint(self, shard: str) -> dict:
+        """What ``shard`` reads, per upstream stage and shard: the size and checksum of each output
+        it reads; the record's fingerprint for a record without outputs; None for a shard not done."""
+        out: dict[str, dict] = {}
+        for stage, shards in self.input_shards(shard).items():
+            wanted = self.reads.get(stage)
+            out[stage] = {}
+            for s in shards:
+                rec = self.upstream_record(stage, s)
+                if rec is None or not rec.done:
+                    out[stage][s] = None
+                elif not rec.outputs:
+                    out[stage][s] = rec.fingerprint
+                else:
+                    out[stage][s] = {name: (o["size"], o["checksum"]) for name, o in sorted(rec.outputs.items())
+                                     if wanted is None or name in wanted}
+        return out
+
     def fingerprint(self, shard: str) -> str:
-        upstream = {}
-        for stage in self.upstream:
-            rec = StageRecords(self.layout, stage).get(shard)
-            upstream[stage] = rec.fingerprint if rec else None
-        return fingerprint(self.name, self.section.fingerprint_payload(), upstream, self.extra_fingerprint())
+        return fingerprint(self.name, self.code_version, self.section.fingerprint_payload(),
+                           self.upstream_fingerprint(shard), self.extra_fingerprint())
+
+    def input_damaged(self, file: InputFile, problem: str) -> InputDamaged:
+        """Invalidate the upstream shard that wrote ``file`` (its stage redoes it next run); the error to raise."""
+        path = self.layout.relative(file.url)
+        StageRecords(self.layout, file.stage).invalidate(
+            file.shard, f"{path}: {problem} (found by {self.name} shard reading it)")
+        return InputDamaged(
+            f"{path} ({file.stage} shard {file.shard}) is damaged: {problem}; {file.stage} shard {file.shard} "
+            f"is marked to be redone: rerun {file.stage}, then {self.name}"
+        )
+
+    def verify_inputs(self, shard: str) -> None:
+        """Raise ``InputDamaged`` when an input of ``shard`` is missing, cut short or not its recorded
+        bytes, or an upstream shard it reads was marked to be redone and is not yet."""
+        for stage, shards in self.input_shards(shard).items():
+            for s in shards:
+                rec = self.upstream_record(stage, s)
+                if rec is not None and not rec.done and rec.invalidated:
+                    raise InputDamaged(f"{stage} shard {s} is marked to be redone ({rec.invalidated}); "
+                                       f"rerun {stage}, then {self.name}")
+        for f in self.input_files(shard):
+            problem = file_problem(f.url, f.expected, checksum=(f.stage, f.name) not in self.checked_while_reading)
+            if problem:
+                raise self.input_damaged(f, problem)
+
+    def done_record(self, shard: str, fp: str) -> ShardRecord | None:
+        """The record of ``shard`` when it is done with fingerprint ``fp`` and its outputs are all
+        there at their recorded sizes; else None (the shard is to be (re)done)."""
+        rec = self.records.get(shard)
+        if rec is None or not rec.done or rec.fingerprint != fp:
+            return None
+        problems = self.records.output_problems(rec, checksums=False)
+        if problems:
+            log.warning("%s shard %s: %s; redoing it", self.name, shard, "; ".join(problems))
+            return None
+        return rec
+
+    def record_outputs(self, shard: str) -> dict[str, dict]:
+        """Path, size and checksum of each output of ``shard``, read back right after ``process``."""
+        outputs = {}
+        for name, url in self.output_files(shard).items():
+            try:
+                digest = file_digest(url)
+            except FileNotFoundError:
+                raise RuntimeError(f"{self.name} shard {shard}: process() did not write its {name} {url}") from None
+            outputs[name] = {"path": self.layout.relative(url), **digest.as_dict()}
+        return outputs
 
     def run_shard(self, shard: str, *, force: bool = False) -> ShardResult:
         fp = self.fingerprint(shard)
-        if not force and self.records.is_done(shard, fp):
-            rec = self.records.get(shard)
+        if not force and (rec := self.done_record(shard, fp)) is not None:
             return ShardResult(shard, True, rec.counts, rec.failures, rec.seconds)
+        self.verify_inputs(shard)
         start = time.perf_counter()
+        if force:
+            self.discard(shard)
         outcome = self.process(shard)
         seconds = round(time.perf_counter() - start, 3)
+        outputs = self.record_outputs(shard)
         # The record is written last: it only ever claims outputs already in place.
-        self.records.put(ShardRecord(shard, fp, dict(outcome.counts), dict(outcome.failures), seconds))
+        self.records.put(ShardRecord(shard, fp, dict(outcome.counts), dict(outcome.failures), seconds,
+                                     outputs=outputs))
         return ShardResult(shard, False, dict(outcome.counts), dict(outcome.failures), seconds)
 
     def pending(self, *, force: bool = False) -> list[str]:
         shards = self.list_shards()
-        return shards if force else [s for s in shards if not self.records.is_done(s, self.fingerprint(s))]
+        return shards if force else [s for s in shards if self.done_record(s, self.fingerprint(s)) is None]
 
     def summary_extra(self) -> dict:
         """Stage-level facts for ``_stages/<stage>.json`` besides the per-shard records."""

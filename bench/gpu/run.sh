@@ -6,13 +6,16 @@
 #   job:  bench/train_data.py (the loader on this machine's cores vs the step), bench/boxes.py
 #         (OWLv2 B/16, random weights) and bench/train_job.py (a real Ray Train run vs the step);
 #         the comparisons read step's bench/out/step.json
-#   smoke: all four on the CPU in their smoke modes (tiny models), BENCHMARKS.md untouched: checks
+#   memory: bench/train_memory.py --validate (B/16 step at 64 images x 100 emulated workers, i.e. the
+#         paper's global batch of 6,400, K = 10, 2 + 6 views: torch.cuda.max_memory_allocated and step
+#         time with each memory option, against the fake-tensor estimate of the same step)
+#   smoke: all five on the CPU in their smoke modes (tiny models), BENCHMARKS.md untouched: checks
 #         the kit and the scripts anywhere, e.g. in a venv holding only the device image's packages
 #
 # Each bench script rewrites its own section of BENCHMARKS.md; this script copies
 # BENCHMARKS.md, the JSON reports and every log to $OUT. Read bench/gpu/README.md first.
 set -uo pipefail
-part=${1:?usage: bench/gpu/run.sh step|job|smoke}
+part=${1:?usage: bench/gpu/run.sh step|job|memory|smoke}
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench/out/gpu}
 mkdir -p "$OUT" bench/out
@@ -51,6 +54,10 @@ case $part in
     run boxes 120 python3 bench/boxes.py --random-weights --write
     run train_job 330 python3 bench/train_job.py "${step_json[@]}" --write
     ;;
+  memory)
+    run train_memory 560 python3 bench/train_memory.py --validate --batch 64 --workers 100 --captions 10 \
+      --local-views 6 --write
+    ;;
   smoke)
     run train_step 300 python3 bench/train_step.py --preset debug --device cpu --batch 4 --captions 2 --steps 2 \
       --warmup 1 --parity --out bench/out/step-smoke.json
@@ -58,8 +65,9 @@ case $part in
     run train_data 300 python3 bench/train_data.py --samples 32 --loader-workers 0 2 --cases B/16 \
       --step-json bench/out/step-smoke.json
     run train_job 300 python3 bench/train_job.py --smoke --step-json bench/out/step-smoke.json
+    run train_memory 300 python3 bench/train_memory.py --validate --preset debug --batch 4 --captions 2 --workers 2
     ;;
-  *) echo "unknown part $part (step|job|smoke)"; exit 2 ;;
+  *) echo "unknown part $part (step|job|memory|smoke)"; exit 2 ;;
 esac
 cp BENCHMARKS.md "$OUT/"
 cp bench/out/*.json "$OUT/" 2>/dev/null

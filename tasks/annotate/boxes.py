@@ -281,6 +281,10 @@ class BoxesStage(Stage):
     task_name = "detect_boxes"
     throughput_count = "images"
     upstream = ("download", "phrases")
+    reads = {"download": ("tar",)}  # the images; their keys come with the phrases
+
+    def output_files(self, shard: str) -> dict[str, str]:
+        return {"table": self.layout.annotation("boxes", shard)}
 
     def __init__(self, config):
         super().__init__(config)

@@ -21,15 +21,14 @@ on (bench/phrases.py measures what each costs).
 ``n_process > 1`` does not use spaCy's own multiprocessing: it forks on Linux,
 which is unsafe from a Prefect worker thread, and it ships every Doc back to the
 parent. Instead a pool of spawned processes, each loading the model once, runs
-``nlp.pipe`` on a slice of the shard's captions and returns only the phrases.
+``nlp.pipe`` on a slice of the shard's captions and returns only the phrases. A
+worker that dies (the OOM killer) costs only its slice, parsed again on a fresh
+process (``tasks/worker_pool.py``) and counted as ``worker_died``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import importlib.util
-import multiprocessing as mp
-import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from storage import StageRecords, read_table, write_table
 from storage.tables import CAPTIONERS
 from tasks.config import ConfigError, PhrasesConfig
 from tasks.stage import ShardOutcome, Stage
+from tasks.worker_pool import WorkerPool, shared_pool
 
 # What noun_chunks needs: POS (tagger + attribute_ruler) and dependencies (parser).
 NOUN_CHUNK_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler", "parser")
@@ -156,37 +156,6 @@ def _parse_in_worker(texts: list[str]) -> list[list[Phrase]]:
     return parse_texts(nlp, extractor, texts, batch_size)
 
 
-class _WorkerPool:
-    """One spawned pool per driver process and configuration, created on first use."""
-
-    _lock = threading.Lock()
-    _pool: cf.ProcessPoolExecutor | None = None
-    _key: str | None = None
-
-    @classmethod
-    def get(cls, cfg: PhrasesConfig) -> cf.ProcessPoolExecutor:
-        key = cfg.model_dump_json()
-        with cls._lock:
-            if cls._pool is None or cls._key != key:
-                if cls._pool is not None:
-                    cls._pool.shutdown(wait=True)
-                # spawn, not fork: the driver holds threads (Prefect, event loops).
-                cls._pool = cf.ProcessPoolExecutor(
-                    max_workers=cfg.n_process, mp_context=mp.get_context("spawn"),
-                    initializer=_init_worker, initargs=(key,),
-                )
-                cls._key = key
-            return cls._pool
-
-    @classmethod
-    def discard(cls, pool: cf.ProcessPoolExecutor) -> None:
-        """Drop a broken pool (a worker died) so the next shard starts a fresh one."""
-        with cls._lock:
-            if cls._pool is pool:
-                cls._pool, cls._key = None, None
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
 class PhraseParser:
     """Texts -> phrases, in this process (``n_process == 1``) or across a spawned pool."""
 
@@ -196,17 +165,20 @@ class PhraseParser:
         self.extractor = PhraseExtractor(cfg)
 
     def __call__(self, texts: list[str]) -> list[list[Phrase]]:
-        if self.cfg.n_process == 1 or len(texts) <= self.cfg.batch_size:
-            return parse_texts(self.nlp, self.extractor, texts, self.cfg.batch_size)
-        pool = _WorkerPool.get(self.cfg)
+        return self.parse(texts)[0]
+
+    def parse(self, texts: list[str]) -> tuple[list[list[Phrase]], int]:
+        """Phrases of each text, and how many worker processes died on the way (their slices ran again)."""
+        cfg = self.cfg
+        if cfg.n_process == 1 or len(texts) <= cfg.batch_size:
+            return parse_texts(self.nlp, self.extractor, texts, cfg.batch_size), 0
+        key = cfg.model_dump_json()
+        pool = shared_pool("phrases", key,
+                           lambda: WorkerPool(cfg.n_process, initializer=_init_worker, initargs=(key,)))
         # A few slices per worker so a slow slice does not leave the others idle.
-        size = max(self.cfg.batch_size, -(-len(texts) // (4 * self.cfg.n_process)))
-        slices = [texts[i : i + size] for i in range(0, len(texts), size)]
-        try:
-            return [phrases for part in pool.map(_parse_in_worker, slices) for phrases in part]
-        except cf.process.BrokenProcessPool:
-            _WorkerPool.discard(pool)
-            raise
+        size = max(cfg.batch_size, -(-len(texts) // (4 * cfg.n_process)))
+        parts, deaths = pool.map(_parse_in_worker, [texts[i : i + size] for i in range(0, len(texts), size)])
+        return [phrases for part in parts for phrases in part], deaths
 
 
 # --- the stage ------------------------------------------------------------------
@@ -244,6 +216,9 @@ class PhrasesStage(Stage):
     throughput_count = "words"
     upstream = ("captions",)
 
+    def output_files(self, shard: str) -> dict[str, str]:
+        return {"table": self.layout.annotation("phrases", shard)}
+
     @property
     def section(self) -> PhrasesConfig:
         return self.config.phrases
@@ -276,7 +251,9 @@ class PhrasesStage(Stage):
                     jobs.append((i, field))
                     texts.append(text)
         counts["words"] = sum(len(t.split()) for t in texts)
-        parsed = self.parser(texts) if texts else []
+        parsed, deaths = self.parser.parse(texts) if texts else ([], 0)
+        if deaths:
+            counts["worker_died"] = deaths
 
         per_field: dict[int, list[tuple[str, list[Phrase]]]] = {}
         for (i, field), phrases in zip(jobs, parsed, strict=True):

@@ -34,6 +34,9 @@ class VqaStage(Stage):
     throughput_count = "images"
     upstream = ("captions",)
 
+    def output_files(self, shard: str) -> dict[str, str]:
+        return {"table": self.layout.annotation("vqa", shard)}
+
     def __init__(self, config):
         super().__init__(config)
         self.servers: ManagedServers | None = None

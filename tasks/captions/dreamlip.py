@@ -1,77 +1,55 @@
-"""DreamLIP caption CSVs: streaming reader, URL join, and a partition by image shard.
+"""DreamLIP caption CSVs: a streaming reader with bounded records, and a URL join.
 
-METHOD.md section 7: every image has seven DreamLIP captions (`raw_caption`, a short
-and a long caption from each of InstructBLIP "IB", ShareGPT4V "SV" and LLaVA-1.5
-"LLA"), keyed by the image URL in the `Image Path` column. The released CSVs are
-6-30 GB each, so nothing here loads a whole file: rows are streamed with `csv`
-over an fsspec text stream (local paths and `s3://...` alike).
+METHOD.md section 7: every image has seven DreamLIP captions (`raw_caption`, a short and
+a long caption from each captioner of `storage.tables.CAPTIONERS`), keyed by the image
+URL in the `Image Path` column. The released CSVs are 6-30 GB each, so nothing here
+loads a whole file: rows are streamed with `csv` over an fsspec text stream (local
+paths and `s3://...` alike). Partitioning the rows by image shard, for the captions
+stage, is `storage.caption_partitions`.
 
 Bad rows are counted and skipped, never raised (DESIGN.md, "tolerant of bad data"):
-`malformed_row` (wrong column count, broken quoting, an oversized record) and
-`empty_url`. A missing required column in the header is a data-format error and
-raises `ValueError` before any row is read.
+`malformed_row` (wrong column count, broken quoting), `oversized_row` (a record over
+`max_record_chars`, 1 MiB by default, or a field over csv's default field limit of
+128 KiB) and `empty_url`. A missing required column in the header is a data-format
+error and raises `ValueError` before any row is read.
+
+Bounds. Lines are read with `readline(limit)`, so one line with no end (a 30 GB file
+without newlines) never sits in memory whole; a record is held to `max_record_chars`
+and `max_record_lines`. csv's own field limit is process-wide state, so this reader
+never changes it (an earlier version raised it, and the outcome then depended on which
+module was imported first) and checks fields against csv's default itself.
 
 Broken quoting: a field that opens a quote and never closes it makes `csv` read on
-through the following lines, which would silently swallow the rest of the file.
-`_LineFeed` caps how many lines and characters one record may span. A record
-that exceeds the cap, one that spans several lines with the wrong column count,
-and (URL in the first column, as released) one with a line after its first that
-starts like a new row (`http://...,`) each has its first line dropped (counted as
-`malformed_row`) and the lines after it replayed, so the rows that the stray quote
-swallowed are recovered.
-
-Two ways to join captions to downloaded images:
-
-* `join_captions`: one streaming pass over the CSVs keeping only wanted URLs.
-  Memory is bounded by the wanted set; time is O(CSV size) per call. Right for a
-  handful of URLs or a one-off check, never once per shard.
-* `partition_by_shard` + `read_shard_captions` (the captions stage): the URL ->
-  image shard assignment is fixed before anything is downloaded (the download
-  split's `sources/shards/*.parquet`), so one pass over each CSV sends every row
-  to the image shard its URL belongs to, through a compact `UrlShardIndex`
-  (sorted 64-bit URL hashes + int32 shard ids, vectorised `np.searchsorted`);
-  rows whose URL is in no shard are dropped and counted (`url_not_in_lists`).
-  An image shard then reads only its own rows. Total cost for Open-30M: one pass
-  over the CSVs plus one read of each shard's own rows (~5,000 rows), instead of
-  a scan of all caption data per shard.
-
-Partition writes are atomic and resumable: rows are buffered per shard in memory
-and flushed as one part file per shard when a byte budget is reached (never one
-open writer per shard, so thousands of shards work); each part is written under a
-temporary name and renamed; parts carry their CSV's tag and a per-attempt id, and
-a `_SUCCESS.json` per CSV names the attempt that finished. `manifest.json`,
-written last, is what readers trust, and they read only the finished attempt of
-each CSV in it, so a run killed at any point leaves nothing that a reader takes
-for caption rows, and a rerun redoes only the CSVs without `_SUCCESS.json`.
+through the following lines, which would silently swallow the rest of the file. When a
+record passes a bound, fails to parse, or has the wrong column count, the reader looks
+for a line after its first that starts like a new row (`http://...,`; URL in the first
+column, as released): if there is one, a stray quote swallowed it, so the record's
+first line is dropped (`malformed_row`) and the lines from that one on are replayed;
+if there is none, the record is one bad row (`oversized_row` when it passed a bound,
+else `malformed_row`) and the lines up to the next row start, the rest of it, are
+skipped. With the URL in another column there is no such pattern, and every line
+after the bad record's first is replayed.
 """
+
 from __future__ import annotations
 
-import contextlib
 import csv
-import hashlib
-import json
-import logging
 import re
-import uuid
-from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Hashable, TypeVar
+from typing import Hashable, TextIO, TypeVar
 
 import fsspec
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from storage.fs import atomic_write, join, open_fs, read_json, write_json
-from storage.layout import shard_name
-from storage.tables import read_table
+from storage.caption_partitions import DreamlipCaptions
+from storage.tables import CAPTIONERS
 
-log = logging.getLogger(__name__)
-
-CAPTIONERS = ("IB", "SV", "LLA")
 K = TypeVar("K", bound=Hashable)
+# csv's default field limit; the check is ours, so whatever csv.field_size_limit() the
+# process has, the same fields pass.
+MAX_FIELD_CHARS = 128 * 1024
+_URL_FIRST_LINE = re.compile(r'"?[A-Za-z][A-Za-z0-9+.-]*://[^\s,"]*"?,')
 
 
 @dataclass(frozen=True)
@@ -80,12 +58,16 @@ class DreamlipColumns:
 
     url: str = "Image Path"
     raw: str = "raw_caption"
-    short: Mapping[str, str] = field(
-        default_factory=lambda: {c: f"short{c}_captions" for c in CAPTIONERS}
-    )
-    long: Mapping[str, str] = field(
-        default_factory=lambda: {c: f"long{c}_captions" for c in CAPTIONERS}
-    )
+    short: Mapping[str, str] = field(default_factory=lambda: {c: f"short{c}_captions" for c in CAPTIONERS})
+    long: Mapping[str, str] = field(default_factory=lambda: {c: f"long{c}_captions" for c in CAPTIONERS})
+
+    def __post_init__(self) -> None:
+        if list(self.short) != list(self.long):
+            raise ValueError(f"short and long captioners must match: {list(self.short)} vs {list(self.long)}")
+
+    @property
+    def captioners(self) -> list[str]:
+        return list(self.short)
 
     def required(self) -> list[str]:
         return [self.url, self.raw, *self.short.values(), *self.long.values()]
@@ -94,95 +76,112 @@ class DreamlipColumns:
 DEFAULT_COLUMNS = DreamlipColumns()
 
 
-@dataclass(frozen=True)
-class DreamlipCaptions:
-    url: str
-    raw: str
-    short: dict[str, str]  # captioner ("IB", "SV", "LLA") -> caption
-    long: dict[str, str]
+class _Unusable(Exception):
+    """The record being read passed a bound (`oversized`) or could not be parsed."""
 
-
-class _RecordTooLong(Exception):
-    pass
+    def __init__(self, oversized: bool):
+        self.oversized = oversized
 
 
 class _LineFeed:
-    """Line iterator for `csv.reader` that bounds one record and can replay lines.
+    """Lines for `csv.reader`, at most `max_chars` per line and per record, with replay.
 
-    A class, not a generator: raising `_RecordTooLong` out of a generator would end
-    it, and the reader must go on after a bad record.
+    A class, not a generator: raising `_Unusable` out of a generator would end it, and
+    the reader must go on after a bad record. A line longer than `max_chars` is cut
+    there (the rest of it is skipped unread into memory) and marked `cut`.
     """
 
-    def __init__(self, lines: Iterable[str], *, max_record_lines: int, max_record_chars: int):
-        self._lines = iter(lines)
-        self._replay: deque[str] = deque()
-        self.record: list[str] = []  # lines of the record being parsed
+    def __init__(self, stream: TextIO, *, max_lines: int, max_chars: int):
+        self._stream = stream
+        self._replay: deque[tuple[str, bool]] = deque()
+        self.record: list[tuple[str, bool]] = []  # (line, cut) of the record being parsed
         self._record_chars = 0
-        self._max_lines = max_record_lines
-        self._max_chars = max_record_chars
+        self._max_lines = max_lines
+        self._max_chars = max_chars
+        self.row_start: re.Pattern | None = None  # how a line that begins a row looks, when known
+        self._skip_to_row_start = False
 
     def __iter__(self) -> _LineFeed:
         return self
 
+    def _next_line(self) -> tuple[str, bool]:
+        if self._replay:
+            return self._replay.popleft()
+        line = self._stream.readline(self._max_chars + 1)
+        if not line:
+            raise StopIteration
+        cut = len(line) > self._max_chars and not line.endswith(("\n", "\r"))
+        if cut:
+            while (rest := self._stream.readline(self._max_chars)) and not rest.endswith(("\n", "\r")):
+                pass
+        return line, cut
+
     def __next__(self) -> str:
-        if len(self.record) >= self._max_lines or self._record_chars >= self._max_chars:
-            raise _RecordTooLong
-        line = self._replay.popleft() if self._replay else next(self._lines)
-        self.record.append(line)
+        if len(self.record) >= self._max_lines:
+            raise _Unusable(oversized=True)
+        line, cut = self._next_line()
+        while self._skip_to_row_start and (cut or not self.row_start.match(line)):
+            line, cut = self._next_line()  # the rest of a dropped record
+        self._skip_to_row_start = False
+        self.record.append((line, cut))
         self._record_chars += len(line)
+        if cut or self._record_chars > self._max_chars:
+            raise _Unusable(oversized=True)
         return line
 
     def start_record(self) -> None:
         self.record = []
         self._record_chars = 0
 
-    def drop_first_line_and_replay(self) -> None:
-        self._replay.extendleft(reversed(self.record[1:]))
+    def swallowed_row_start(self) -> int | None:
+        """Index of the first line after the record's first that starts like a new row."""
+        if self.row_start is None:
+            return None
+        return next((i for i, (line, cut) in enumerate(self.record[1:], 1)
+                     if not cut and self.row_start.match(line)), None)
+
+    def drop(self, *, oversized: bool, counts: Counter) -> None:
+        """Count the record being parsed as bad and go on at the next row (see the module doc)."""
+        restart = self.swallowed_row_start()
+        counts["oversized_row" if oversized and restart is None else "malformed_row"] += 1
+        if restart is not None:
+            self._replay.extendleft(reversed(self.record[restart:]))
+        elif self.row_start is not None:
+            self._skip_to_row_start = True
+        else:  # without a row-start pattern any later line may begin a row: try each
+            self._replay.extendleft(reversed(self.record[1:]))
         self.start_record()
 
 
-_URL_FIRST_LINE = re.compile(r'"?[A-Za-z][A-Za-z0-9+.-]*://[^\s,"]*"?,')
-
-
 class _Records:
-    """CSV records of `lines` (header included), with broken quoting contained.
+    """CSV records of `stream` (header included), bounded, with broken quoting contained.
 
-    Iterate for records; call `reject()` right after a record turned out to have
-    the wrong column count: when it spans several lines (a stray quote swallowed
-    the lines after it) its first line is dropped and the rest replayed.
+    Iterate for records; call `reject()` right after a record turned out to have the
+    wrong column count or a field over `MAX_FIELD_CHARS`.
     """
 
-    def __init__(self, lines: Iterable[str], *, counts: Counter, max_record_lines: int, max_record_chars: int):
-        csv.field_size_limit(max(csv.field_size_limit(), max_record_chars + 1))
-        self._feed = _LineFeed(lines, max_record_lines=max_record_lines, max_record_chars=max_record_chars)
+    def __init__(self, stream: TextIO, *, counts: Counter, max_record_lines: int, max_record_chars: int):
+        self.feed = _LineFeed(stream, max_lines=max_record_lines, max_chars=max_record_chars)
         self._counts = counts
 
     def __iter__(self) -> Iterator[list[str]]:
-        reader = csv.reader(self._feed)
+        reader = csv.reader(self.feed)
         while True:
-            self._feed.start_record()
+            self.feed.start_record()
             try:
                 record = next(reader)
             except StopIteration:
                 return
-            except (_RecordTooLong, csv.Error):
-                self._counts["malformed_row"] += 1
-                self._feed.drop_first_line_and_replay()
+            except _Unusable as unusable:
+                self.feed.drop(oversized=unusable.oversized, counts=self._counts)
+                continue
+            except csv.Error:  # csv's own field limit, if the process lowered it, lands here too
+                self.feed.drop(oversized=False, counts=self._counts)
                 continue
             yield record
 
-    def reject(self) -> None:
-        if len(self._feed.record) > 1:
-            self._feed.drop_first_line_and_replay()
-
-    def swallowed_a_record_start(self) -> bool:
-        """Whether a line after the first of the last record begins like a new row.
-
-        Only meaningful when the URL is the first column: a caption's quoted newline
-        is never followed by `scheme://...,`, a stray quote that ran into the next
-        rows is.
-        """
-        return any(_URL_FIRST_LINE.match(line) for line in self._feed.record[1:])
+    def reject(self, *, oversized: bool) -> None:
+        self.feed.drop(oversized=oversized, counts=self._counts)
 
 
 def iter_dreamlip_rows(
@@ -195,13 +194,11 @@ def iter_dreamlip_rows(
 ) -> Iterator[DreamlipCaptions]:
     """Stream one DreamLIP CSV (local path or fsspec URL, compression by extension).
 
-    Counts `rows` (yielded), `malformed_row` and `empty_url` in `counts`.
+    Counts `rows` (yielded), `malformed_row`, `oversized_row` and `empty_url` in `counts`.
     Raises ValueError when the header lacks a required column.
     """
     with fsspec.open(path_or_url, "rt", newline="", encoding="utf-8", errors="replace", compression="infer") as f:
-        parsed = _Records(
-            f, counts=counts, max_record_lines=max_record_lines, max_record_chars=max_record_chars
-        )
+        parsed = _Records(f, counts=counts, max_record_lines=max_record_lines, max_record_chars=max_record_chars)
         records = iter(parsed)
         header = next(records, None)
         if header is None:
@@ -217,12 +214,17 @@ def iter_dreamlip_rows(
         url_i, raw_i = index[columns.url], index[columns.raw]
         short_i = {c: index[name] for c, name in columns.short.items()}
         long_i = {c: index[name] for c, name in columns.long.items()}
+        # A caption's quoted newline is never followed by `scheme://...,`; a stray
+        # quote that ran into the next rows is.
+        parsed.feed.row_start = _URL_FIRST_LINE if url_i == 0 else None
         for record in records:
             if not record:  # blank line
                 continue
-            if len(record) != len(header) or (url_i == 0 and parsed.swallowed_a_record_start()):
-                counts["malformed_row"] += 1
-                parsed.reject()
+            if len(record) != len(header) or parsed.feed.swallowed_row_start() is not None:
+                parsed.reject(oversized=False)
+                continue
+            if max(map(len, record)) > MAX_FIELD_CHARS:
+                parsed.reject(oversized=True)
                 continue
             url = record[url_i].strip()
             if not url:
@@ -249,7 +251,9 @@ def join_captions(
     `wanted_urls` is a set of URLs (result keyed by URL) or a mapping URL -> key
     (result keyed by that key, e.g. the sample key). The first row of a URL wins
     (`duplicate_url` counts later ones only while the URL is still being scanned
-    for); scanning stops once every wanted URL is found.
+    for); scanning stops once every wanted URL is found. Memory is bounded by the
+    wanted set; time is O(CSV size) per call: right for a handful of URLs or a one-off
+    check, never once per shard (the captions stage partitions instead).
     """
     key_of = wanted_urls if isinstance(wanted_urls, Mapping) else {u: u for u in wanted_urls}
     found: dict[K | str, DreamlipCaptions] = {}
@@ -264,367 +268,4 @@ def join_captions(
             found[key] = row
             if len(found) == len(key_of):
                 return found
-    return found
-
-
-# ---------------------------------------------------------------------------
-# Caption rows partitioned by image shard
-
-INDEX_VERSION = 1  # bump when the partition layout or the part schema changes
-CHUNK_ROWS = 20_000  # CSV rows hashed and assigned to shards at once
-WRITE_THREADS = 8  # parts written concurrently at a flush (object stores are latency-bound)
-
-
-def url_hash(url: str) -> int:
-    """Stable 64-bit hash of a URL (blake2b; Python's `hash` is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(url.encode("utf-8"), digest_size=8).digest(), "big")
-
-
-def url_hashes(urls: Iterable[str]) -> np.ndarray:
-    """`url_hash` of each URL as a uint64 array."""
-    digests = b"".join(hashlib.blake2b(u.encode("utf-8"), digest_size=8).digest() for u in urls)
-    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
-
-
-class UrlShardIndex:
-    """URL -> image shard as two parallel arrays: sorted 64-bit URL hashes and int32 shard ids.
-
-    12 bytes per URL (Open-30M: ~360 MB) where a dict of URL strings would take
-    ~3 GB. Two listed URLs with one hash (a 64-bit collision; the download split
-    dedupes URLs, so nothing else) keep the first shard and are counted in
-    `collisions`. A hit is only a candidate: the shard's join checks the exact URL
-    string, so a collision can cost a caption, never attach a wrong one.
-    """
-
-    def __init__(self, hashes: np.ndarray, shards: np.ndarray):
-        hashes = np.asarray(hashes, dtype=np.uint64)
-        shards = np.asarray(shards, dtype=np.int32)
-        order = np.argsort(hashes, kind="stable")
-        hashes, shards = hashes[order], shards[order]
-        del order
-        keep = np.ones(len(hashes), dtype=bool)
-        keep[1:] = hashes[1:] != hashes[:-1]
-        self.collisions = int(len(hashes) - int(keep.sum()))
-        self.hashes = hashes[keep] if self.collisions else hashes
-        self.shards = shards[keep] if self.collisions else shards
-
-    @classmethod
-    def from_shards(cls, shard_urls: Iterable[tuple[int, Iterable[str]]]) -> UrlShardIndex:
-        """Build from `(shard id, URLs of that shard)` pairs."""
-        hashes, shards = [], []
-        for shard, urls in shard_urls:
-            h = url_hashes(urls)
-            hashes.append(h)
-            shards.append(np.full(len(h), shard, dtype=np.int32))
-        if not hashes:
-            return cls(np.empty(0, np.uint64), np.empty(0, np.int32))
-        return cls(np.concatenate(hashes), np.concatenate(shards))
-
-    def __len__(self) -> int:
-        return len(self.hashes)
-
-    def shard_of(self, hashes: np.ndarray) -> np.ndarray:
-        """Shard id of each hash (vectorised binary search); -1 where no listed URL has it."""
-        hashes = np.asarray(hashes, dtype=np.uint64)
-        if not len(self.hashes):
-            return np.full(len(hashes), -1, dtype=np.int32)
-        pos = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
-        return np.where(self.hashes[pos] == hashes, self.shards[pos], -1).astype(np.int32)
-
-
-def caption_schema(captioners: Iterable[str] = CAPTIONERS) -> pa.Schema:
-    """Schema of the partition's parts: one row per CSV row, flat caption columns."""
-    captioners = list(captioners)
-    return pa.schema(
-        [pa.field("url", pa.string(), nullable=False), pa.field("raw", pa.string())]
-        + [pa.field(f"short_{c}", pa.string()) for c in captioners]
-        + [pa.field(f"long_{c}", pa.string()) for c in captioners]
-    )
-
-
-def _digest(obj) -> str:
-    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=8).hexdigest()
-
-
-def _file_stamp(url: str) -> dict:
-    """What identifies a CSV's content cheaply: size plus ETag or mtime when the fs has one."""
-    fs, path = fsspec.core.url_to_fs(url)
-    info = fs.info(path)
-    stamp = {"size": info.get("size")}
-    for k in ("ETag", "etag", "mtime", "LastModified", "last_modified"):
-        if k in info:
-            stamp[k] = str(info[k])
-    return stamp
-
-
-def _csv_tag(csv_path: str, fingerprint: dict) -> str:
-    """Name of one CSV's parts: a readable stem (no dashes or dots) plus a hash of what built them."""
-    stem = csv_path.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
-    stem = re.sub(r"[^A-Za-z0-9_]+", "_", stem)[:48] or "csv"
-    return f"{stem}-{_digest(fingerprint)}"
-
-
-def _part_prefix(tag: str, attempt: str) -> str:
-    return f"part-{tag}-{attempt}-"
-
-
-def _write_part(url: str, table: pa.Table) -> None:
-    """One part file, written under a temporary name and renamed (`storage.fs.atomic_write`)."""
-    with atomic_write(url, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-
-
-class _ShardBuffers:
-    """Caption rows held in memory per image shard, all flushed together at a byte budget.
-
-    A flush writes one part per shard that has rows, so there is never an open
-    writer per shard: thousands of shards cost memory only for their rows.
-    """
-
-    def __init__(self, root: str, prefix: str, flush_bytes: int, write_threads: int):
-        self.root, self.prefix = root, prefix
-        self.flush_bytes, self.write_threads = flush_bytes, write_threads
-        self.tables: dict[int, list[pa.Table]] = defaultdict(list)
-        self.nbytes = 0
-        self.flushes = 0
-        self.parts = 0
-
-    def add(self, table: pa.Table, shard_ids: np.ndarray) -> None:
-        """Add `table`, whose rows are sorted by `shard_ids` (stable, so CSV order within a shard)."""
-        shards, starts = np.unique(shard_ids, return_index=True)
-        ends = np.append(starts[1:], len(shard_ids))
-        for shard, a, b in zip(shards.tolist(), starts.tolist(), ends.tolist()):
-            self.tables[shard].append(table.slice(a, b - a))
-        self.nbytes += table.nbytes
-        if self.nbytes >= self.flush_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.tables:
-            return
-        name = f"{self.prefix}{self.flushes:06d}.parquet"
-        items = sorted(self.tables.items())
-        self.tables, self.nbytes = defaultdict(list), 0
-
-        def write(item: tuple[int, list[pa.Table]]) -> None:
-            shard, tables = item
-            _write_part(join(self.root, f"{shard:05d}", name), pa.concat_tables(tables))
-
-        with ThreadPoolExecutor(max_workers=self.write_threads) as pool:
-            list(pool.map(write, items))  # re-raises the first error
-        self.flushes += 1
-        self.parts += len(items)
-
-
-def _partition_one_csv(
-    csv_path: str,
-    root: str,
-    prefix: str,
-    url_index: UrlShardIndex,
-    *,
-    columns: DreamlipColumns,
-    schema: pa.Schema,
-    flush_bytes: int,
-    chunk_rows: int,
-    write_threads: int,
-) -> tuple[Counter, int]:
-    counts: Counter = Counter()
-    buffers = _ShardBuffers(root, prefix, flush_bytes, write_threads)
-    short, long = list(columns.short), list(columns.long)
-
-    def push(rows: list[DreamlipCaptions]) -> None:
-        ids = url_index.shard_of(url_hashes(r.url for r in rows))
-        kept = np.flatnonzero(ids >= 0)
-        if len(kept) < len(rows):
-            counts["url_not_in_lists"] += len(rows) - len(kept)
-        if not len(kept):
-            return
-        order = kept[np.argsort(ids[kept], kind="stable")].tolist()
-        picked = [rows[i] for i in order]
-        data = {"url": [r.url for r in picked], "raw": [r.raw for r in picked]}
-        for c in short:
-            data[f"short_{c}"] = [r.short[c] for r in picked]
-        for c in long:
-            data[f"long_{c}"] = [r.long[c] for r in picked]
-        buffers.add(pa.Table.from_pydict(data, schema=schema), ids[order])
-
-    rows: list[DreamlipCaptions] = []
-    for row in iter_dreamlip_rows(csv_path, counts=counts, columns=columns):
-        rows.append(row)
-        if len(rows) >= chunk_rows:
-            push(rows)
-            rows = []
-    if rows:
-        push(rows)
-    buffers.flush()
-    return counts, buffers.parts
-
-
-def _remove_parts(root: str, tag: str) -> None:
-    """Delete parts (and temporaries) a killed run left for CSV `tag`; they are never read anyway."""
-    fs, path = open_fs(root)
-    if not fs.exists(path):
-        return
-    for leftover in fs.glob(f"{path}/*/{_part_prefix(tag, '*')}*"):
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm(leftover)
-
-
-def index_dir(out_url: str, manifest: dict) -> str:
-    """Directory of one partition (`{out_url}/{index fingerprint}`)."""
-    return join(out_url, manifest["index"])
-
-
-def partition_by_shard(
-    csv_paths: Iterable[str],
-    out_url: str,
-    split_fingerprint: str,
-    load_url_index: Callable[[], UrlShardIndex],
-    *,
-    columns: DreamlipColumns = DEFAULT_COLUMNS,
-    flush_bytes: int = 1 << 30,
-    chunk_rows: int = CHUNK_ROWS,
-    write_threads: int = WRITE_THREADS,
-) -> dict:
-    """Write every CSV row whose URL is in an image shard into that shard's parts; one pass per CSV.
-
-    Layout under `{out_url}/{index}/` (`index` hashes `split_fingerprint`, the
-    download split's, and the column names, so a new split never mixes with an old one):
-    `{shard:05d}/part-{csv tag}-{attempt}-{flush:06d}.parquet` (`caption_schema`,
-    CSV order), `_csvs/{csv tag}/_SUCCESS.json` per finished CSV (attempt, counts)
-    and `manifest.json`, written last and returned: `index`, `captioners`, `csvs`
-    (each CSV's `_SUCCESS` content, in configured order), total `counts`, and a
-    `fingerprint` covering the index and every CSV's path, size and ETag/mtime.
-
-    Resume: a CSV with a matching `_SUCCESS.json` is not read again, and
-    `load_url_index` is called only when some CSV needs reading. A killed CSV is
-    redone under a new attempt id; readers take only the attempt named in its
-    `_SUCCESS.json`, so parts of the killed attempt (deleted here, best effort) and
-    temporary files are never read. Memory: the URL index plus `flush_bytes` of
-    buffered caption rows (Arrow bytes) plus one chunk of `chunk_rows` rows.
-    Counts per CSV: `rows`, `malformed_row`, `empty_url` (`iter_dreamlip_rows`) and
-    `url_not_in_lists` (dropped: the URL is in no image shard).
-    """
-    if flush_bytes < 1 or chunk_rows < 1:
-        raise ValueError(f"flush_bytes and chunk_rows must be >= 1, got {flush_bytes}, {chunk_rows}")
-    if list(columns.short) != list(columns.long):
-        raise ValueError("short and long captioners must match")
-    schema = caption_schema(columns.short)
-    index = _digest(
-        {"version": INDEX_VERSION, "split": split_fingerprint, "columns": columns.required(),
-         "captioners": list(columns.short)}
-    )
-    root = join(out_url, index)
-    url_index: UrlShardIndex | None = None
-    entries = []
-    for csv_path in dict.fromkeys(csv_paths):  # a CSV listed twice is read once
-        fingerprint = {"csv": csv_path, "stamp": _file_stamp(csv_path), "index": index}
-        tag = _csv_tag(csv_path, fingerprint)
-        success = join(root, "_csvs", tag, "_SUCCESS.json")
-        entry = read_json(success)
-        if not entry or entry.get("fingerprint") != fingerprint:
-            if url_index is None:
-                url_index = load_url_index()
-            _remove_parts(root, tag)
-            attempt = uuid.uuid4().hex[:12]
-            counts, parts = _partition_one_csv(
-                csv_path, root, _part_prefix(tag, attempt), url_index,
-                columns=columns, schema=schema, flush_bytes=flush_bytes,
-                chunk_rows=chunk_rows, write_threads=write_threads,
-            )
-            entry = {"csv": csv_path, "tag": tag, "attempt": attempt, "fingerprint": fingerprint,
-                     "counts": dict(counts), "parts": parts}
-            write_json(success, entry)
-        entries.append(entry)
-    total: Counter = Counter()
-    for e in entries:
-        total.update(e["counts"])
-    manifest = {
-        "index": index,
-        "version": INDEX_VERSION,
-        "captioners": list(columns.short),
-        "csvs": entries,
-        "counts": dict(total),
-        "fingerprint": _digest([index] + [e["fingerprint"] for e in entries]),
-    }
-    write_json(join(root, "manifest.json"), manifest)
-    removed = remove_stale_partitions(out_url, manifest)
-    if removed:
-        log.info("captions: removed partitions no manifest can read again: %s", removed)
-    return manifest
-
-
-def remove_stale_partitions(out_url: str, manifest: dict) -> list[str]:
-    """Delete, after `manifest` is written, what no run with this split and these CSVs can read.
-
-    That is every other index directory under `out_url` (built for an earlier download
-    split: a new split names a new index, and the old one's shard numbers mean other
-    images), and, in this index, the parts of a listed CSV built from an earlier version of
-    the file (its tag hashes the file's size and ETag/mtime). Parts of a CSV that is no
-    longer listed are kept: listing it again must not cost another pass over it. Returns
-    what was removed (index names and CSV tags).
-    """
-    fs, path = open_fs(out_url)
-    removed = []
-    for other in fs.ls(path, detail=False):
-        name = other.rstrip("/").rsplit("/", 1)[-1]
-        if name != manifest["index"] and fs.isdir(other):
-            fs.rm(other, recursive=True)
-            removed.append(name)
-    root = index_dir(out_url, manifest)
-    current = {e["csv"]: e["tag"] for e in manifest["csvs"]}
-    fs, csvs_path = open_fs(join(root, "_csvs"))
-    for success in fs.glob(f"{csvs_path}/*/_SUCCESS.json"):
-        tag = success.rsplit("/", 2)[-2]
-        entry = read_json(join(root, "_csvs", tag, "_SUCCESS.json")) or {}
-        if entry.get("csv") in current and current[entry["csv"]] != tag:
-            _remove_parts(root, tag)
-            fs.rm(success.rsplit("/", 1)[0], recursive=True)
-            removed.append(tag)
-    return removed
-
-
-def read_shard_captions(
-    out_url: str,
-    manifest: dict,
-    shard: int | str,
-    urls: Collection[str],
-    *,
-    counts: Counter,
-) -> dict[str, DreamlipCaptions]:
-    """Captions of one image shard's `urls` from a `partition_by_shard` manifest.
-
-    Reads only `{index}/{shard}/`, and there only the parts of each CSV's finished
-    attempt (CSV order, then flush order), never a temporary file. A row whose URL
-    is not exactly one of `urls` (a 64-bit hash collision) is dropped and counted
-    as `url_hash_collision`; the first row of a URL wins, later ones count as
-    `duplicate_url`.
-    """
-    shard_dir = join(index_dir(out_url, manifest), shard_name(shard))
-    fs, path = open_fs(shard_dir)
-    try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    except FileNotFoundError:
-        names = []
-    wanted = urls if isinstance(urls, (set, frozenset, dict)) else set(urls)
-    captioners = manifest["captioners"]
-    found: dict[str, DreamlipCaptions] = {}
-    for entry in manifest["csvs"]:
-        prefix = _part_prefix(entry["tag"], entry["attempt"])
-        pattern = re.compile(rf"{re.escape(prefix)}(\d+)\.parquet")
-        parts = sorted((int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n)))
-        for _, name in parts:
-            for r in read_table(join(shard_dir, name)).to_pylist():
-                url = r["url"]
-                if url not in wanted:
-                    counts["url_hash_collision"] += 1
-                elif url in found:
-                    counts["duplicate_url"] += 1
-                else:
-                    found[url] = DreamlipCaptions(
-                        url=url,
-                        raw=r["raw"],
-                        short={c: r[f"short_{c}"] for c in captioners},
-                        long={c: r[f"long_{c}"] for c in captioners},
-                    )
     return found

@@ -8,33 +8,51 @@ to which shard before anything is fetched (``sources/shards/*.parquet``), so
 ``prepare`` builds a compact URL -> shard index from those lists (sorted 64-bit
 URL hashes + int32 shard ids, ~12 bytes per URL) and streams each CSV once,
 writing every row into its image shard's parts under
-``_work/captions/<index fingerprint>/{shard}/`` (``tasks.captions.dreamlip.partition_by_shard``).
+``_work/captions/<index>/{shard}/`` (the format: ``storage.caption_partitions``).
 ``process(shard)`` then reads only that shard's directory and joins it with the
 shard's downloaded images by exact URL. Cost: one pass over the CSVs plus one
-read of each shard's own rows. A rerun reads no CSV whose partition finished
-(and builds no index); a killed partition redoes only the unfinished CSVs.
+read of each shard's own rows.
+
+The partition pass follows the stage contract as one unit of its own: its
+fingerprint (the download split, the reader's columns, each CSV's size and
+ETag/mtime) and counts are recorded in ``_stages/captions_partition/00000.json``
+after the pass, so a rerun with the same CSVs reads none of them (and builds no
+index); a changed or killed pass reads again only the CSVs whose finished part in
+the format does not match their current content. Its fingerprint is part of every
+captions shard's, so new caption rows redo the shards.
 
 Counts: per shard ``images`` (downloaded ok), ``captioned``, ``duplicate_url``
 (later CSV rows of a URL; the first in CSV order wins) and ``url_hash_collision``
 (a hash hit whose URL differs; dropped), failures ``no_caption``; per CSV, in the
-stage summary's ``csv_counts``: ``rows``, ``malformed_row``, ``empty_url`` and
-``url_not_in_lists`` (the row's URL is in no image shard).
+stage summary's ``csv_counts``: ``rows``, ``malformed_row``, ``oversized_row``,
+``empty_url`` and ``url_not_in_lists`` (the row's URL is in no image shard).
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from storage import StageRecords, read_json, read_table, write_table
+from storage import ShardRecord, StageRecords, read_json, read_table, write_table
+from storage.caption_partitions import (
+    UrlShardIndex,
+    file_stamp,
+    partition_by_shard,
+    partition_index,
+    read_manifest,
+    read_shard_captions,
+)
 from storage.fs import join
 from storage.layout import DatasetLayout
 from storage.tables import CAPTIONERS
-from tasks.config import CaptionsConfig
-from tasks.captions.dreamlip import UrlShardIndex, partition_by_shard, read_shard_captions
+from tasks.captions.dreamlip import DEFAULT_COLUMNS, iter_dreamlip_rows
+from tasks.config import CaptionsConfig, fingerprint
 from tasks.stage import ShardOutcome, Stage
 
 READ_THREADS = 16  # URL lists read concurrently when the index is built (object stores)
+# The partition pass's record: a single-unit stage of its own beside the captions shards.
+PARTITION_STAGE, PARTITION_UNIT = "captions_partition", "00000"
 
 
 def split_manifest(layout: DatasetLayout) -> dict:
@@ -63,6 +81,10 @@ class CaptionsStage(Stage):
     task_name = "join_captions"
     throughput_count = "images"
     upstream = ("download",)
+    reads = {"download": ("table",)}  # the URLs of the shard's images, never the tar
+
+    def output_files(self, shard: str) -> dict[str, str]:
+        return {"table": self.layout.annotation("captions", shard)}
 
     @property
     def section(self) -> CaptionsConfig:
@@ -73,19 +95,34 @@ class CaptionsStage(Stage):
         return self.layout.work_dir("captions")
 
     def prepare(self) -> None:
-        if not self.section.dreamlip_csvs:
+        """Partition the CSVs by image shard, unless a recorded pass with this fingerprint did."""
+        csvs = list(dict.fromkeys(self.section.dreamlip_csvs))
+        if not csvs:
             raise ValueError("captions.dreamlip_csvs is empty: list the DreamLIP caption CSVs to join")
         split = split_manifest(self.layout)
-        self.index = partition_by_shard(
-            self.section.dreamlip_csvs,
-            self.index_prefix,
-            split["fingerprint"],
-            lambda: url_shard_index(self.layout, split["num_shards"]),
-            flush_bytes=self.section.flush_bytes,
-        )
+        columns = DEFAULT_COLUMNS
+        index = partition_index(split["fingerprint"], columns.required(), columns.captioners)
+        records = StageRecords(self.layout, PARTITION_STAGE)
+        self.partition_fingerprint = fingerprint(PARTITION_STAGE, index, [(c, file_stamp(c)) for c in csvs])
+        manifest = read_manifest(self.index_prefix, index)
+        # The record says a pass with this fingerprint finished; the manifest's own
+        # fingerprint says the manifest on storage is that pass's (not a later one's).
+        done = records.is_done(PARTITION_UNIT, self.partition_fingerprint)
+        if not (done and manifest and manifest["fingerprint"] == self.partition_fingerprint):
+            start = time.perf_counter()
+            manifest = partition_by_shard(
+                csvs, self.index_prefix, index,
+                lambda: url_shard_index(self.layout, split["num_shards"]),
+                lambda path, counts: iter_dreamlip_rows(path, counts=counts, columns=columns),
+                fingerprint=self.partition_fingerprint, captioners=columns.captioners,
+                flush_bytes=self.section.flush_bytes,
+            )
+            seconds = round(time.perf_counter() - start, 3)
+            records.put(ShardRecord(PARTITION_UNIT, self.partition_fingerprint, manifest["counts"], {}, seconds))
+        self.partition = manifest
 
     def extra_fingerprint(self):
-        return getattr(self, "index", {}).get("fingerprint")
+        return self.partition_fingerprint
 
     def list_shards(self) -> list[str]:
         return [r.shard for r in StageRecords(self.layout, "download").all() if r.done]
@@ -96,7 +133,7 @@ class CaptionsStage(Stage):
         counts: Counter = Counter(images=len(ok))
         # Every URL of the shard (failed downloads too) decides what a collision is.
         found = read_shard_captions(
-            self.index_prefix, self.index, shard, {r["url"] for r in images}, counts=counts
+            self.index_prefix, self.partition, shard, {r["url"] for r in images}, counts=counts
         )
         failures: Counter = Counter()
         rows = []
@@ -119,4 +156,4 @@ class CaptionsStage(Stage):
         return ShardOutcome(counts, failures)
 
     def summary_extra(self) -> dict:
-        return {"csv_counts": getattr(self, "index", {}).get("counts", {})}
+        return {"csv_counts": self.partition["counts"]}

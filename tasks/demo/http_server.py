@@ -3,6 +3,8 @@
     with LoopbackServer(latency_s=(0.02, 0.2)) as server:
         url = server.route("/a.jpg", Reply(body=image_bytes(640, 480)))
         server.route("/flaky.jpg", Reply(body=..., fail_first=1))      # 500, then the image
+        server.route("/busy.jpg", Reply(body=..., fail_first=1, fail_status=429,
+                                        fail_headers={"Retry-After": "2"}))  # throttled, then the image
         server.route("/loop", redirect("/loop"))                        # redirect loop
         server.route("/slow.jpg", Reply(body=..., delay_s=5))           # stalls before headers
         ...
@@ -43,6 +45,7 @@ class Reply:
     chunked: bool = False  # no Content-Length: the client must cap the size while streaming
     fail_first: int = 0  # the first N requests on this path get fail_status instead
     fail_status: int = 500
+    fail_headers: dict[str, str] = field(default_factory=dict)  # sent with those, e.g. Retry-After
 
 
 def redirect(location: str, status: int = 302) -> Reply:
@@ -110,7 +113,7 @@ class LoopbackServer:
         if reply is None:
             return web.Response(status=404, text="not found")
         if self.hits[path] <= reply.fail_first:
-            return web.Response(status=reply.fail_status, text="failing on purpose")
+            return web.Response(status=reply.fail_status, text="failing on purpose", headers=reply.fail_headers)
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
         if not (reply.chunked or reply.stall_body_s):

@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tasks.captions.dreamlip import CAPTIONERS, DEFAULT_COLUMNS
+from storage.tables import CAPTIONERS
+from tasks.captions.dreamlip import DEFAULT_COLUMNS
 
 COLOURS = {
     "red": (220, 40, 40),

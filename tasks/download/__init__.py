@@ -1,1 +1,1 @@
-"""download: URL lists in (``url_lists``), HTTP fetch and image processing (``fetch``), the stage."""
+"""download: URL lists in (``url_lists``), HTTP fetch (``fetch``), image processing (``images``), the stage."""

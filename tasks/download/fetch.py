@@ -1,33 +1,39 @@
-"""HTTP fetch and image processing of the download stage (DESIGN.md "download").
+"""HTTP fetch of the download stage (DESIGN.md "download"); image work is ``images.py``.
 
 One process downloads a shard's URLs with one aiohttp session and a bounded number of
-concurrent requests, and hands decoding, resizing and JPEG re-encoding to a thread pool
-(Pillow releases the GIL there), so the event loop keeps fetching while images are
-processed. ``fetch_shard`` is the synchronous entry point a process-pool worker calls.
+concurrent requests, and hands decoding, resizing and JPEG re-encoding to a pool of
+``download.decode_threads`` threads (Pillow releases the GIL there), so the event loop
+keeps fetching while images are processed. ``fetch_shard`` is the synchronous entry
+point a worker process calls. Every function takes the stage's ``DownloadConfig`` whole.
 
-Safety rules, each with a stable reason code in ``FetchResult.error``:
-- only ``http``/``https`` URLs are fetched (``bad_scheme``);
+Safety rules, each with a stable reason code in ``FetchResult.error`` (the README lists
+every reason the stage records):
+- only ``http``/``https`` URLs are fetched (``bad_scheme``); a raw space in a URL is
+  quoted, as a browser does (the URL is recorded as listed);
 - unless ``allow_private_addresses``, no request goes to a loopback, private,
   link-local (cloud metadata endpoints), shared, reserved, multicast or unspecified
   address (``private_address``): IP literals are refused before any I/O and host
   names by the session's resolver, so the address checked is the address connected
   to; redirects are followed by hand and every hop is checked again
   (``too_many_redirects`` past ``max_redirects``);
-- bodies are capped while streaming (``too_large``), and decoding refuses truncated
-  files and images with too many pixels.
+- bodies are capped while streaming (``too_large``); a response aiohttp cannot parse
+  (an oversized header, a broken status line) is ``bad_response`` with no HTTP status,
+  since none was received; decoding refuses truncated files and images with too many
+  pixels (``images.py``).
 
 Transient failures (timeouts, connection errors, 408, 429, 5xx) are retried with
-exponential backoff and jitter; other failures are final at once.
+exponential backoff and jitter; a 429 or 503 with ``Retry-After`` (seconds or an HTTP
+date) waits what it asks, at most ``max_retry_after_s``, and is counted in
+``FetchResult.retry_after``. Other failures are final at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import io
+import datetime
+import email.utils
 import ipaddress
 import logging
-import os
 import random
 import socket
 from collections.abc import Callable
@@ -38,57 +44,16 @@ from typing import Literal
 import aiohttp
 from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
-from PIL import Image, ImageOps
 from yarl import URL
+
+from tasks.config import DownloadConfig
+from tasks.download.images import ImageRejected, process_image
 
 log = logging.getLogger(__name__)
 
 _ALLOWED_SCHEMES = ("http", "https")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _READ_CHUNK = 256 * 2**10
-_RESAMPLE = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "box": Image.Resampling.BOX,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-
-
-@dataclass(frozen=True)
-class FetchConfig:
-    timeout_s: float = 20.0
-    retries: int = 3  # retries after the first attempt, on transient errors only
-    backoff_s: float = 0.5  # first retry waits about this long, doubling after
-    max_bytes: int = 20 * 2**20
-    concurrency: int = 64  # concurrent requests per process
-    user_agent: str = "goldiclip-pipeline/0.1 (+https://github.com/goldiclip-pipeline)"
-    allow_private_addresses: bool = False
-    max_redirects: int = 5
-    short_side: int = 256
-    jpeg_quality: int = 90
-    min_side: int = 10
-    max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
-    # Downscaling filter. On a 640x480 -> 341x256 JPEG here: bicubic 3.9 ms, bilinear
-    # 2.3 ms, box (area averaging, like img2dataset's cv2.INTER_AREA) 1.4 ms, against
-    # 1.2-1.9 ms to decode: the filter is most of the CPU cost of an image.
-    resample: Literal["bicubic", "bilinear", "box", "lanczos"] = "bicubic"
-    process_threads: int = 0  # image-processing threads per process; 0: one per CPU
-
-    def __post_init__(self) -> None:
-        if self.resample not in _RESAMPLE:
-            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
-
-
-@dataclass(frozen=True)
-class ProcessedImage:
-    jpeg: bytes
-    orig_width: int
-    orig_height: int
-    width: int
-    height: int
-    sha256: str
-
-
 @dataclass(frozen=True)
 class FetchResult:
     url: str
@@ -102,15 +67,8 @@ class FetchResult:
     jpeg: bytes | None = None
     sha256: str | None = None
     bytes_downloaded: int = 0
-    attempts: int = 0
-
-
-class ImageRejected(ValueError):
-    """An image that cannot be used; ``reason`` is the stable code recorded per URL."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+    attempts: int = 0  # requests made (0: refused before any I/O)
+    retry_after: int = 0  # retries that waited for a Retry-After header
 
 
 # ---------------------------------------------------------------------------- URL policy
@@ -197,7 +155,7 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
-def open_session(cfg: FetchConfig) -> aiohttp.ClientSession:
+def open_session(cfg: DownloadConfig) -> aiohttp.ClientSession:
     """The session ``fetch_image`` expects: pooled, DNS-cached, private-address guarded."""
     connector = aiohttp.TCPConnector(
         limit=cfg.concurrency,
@@ -217,12 +175,28 @@ def open_session(cfg: FetchConfig) -> aiohttp.ClientSession:
 
 
 class _Failure(Exception):
-    def __init__(self, reason: str, *, http_status: int | None = None, transient: bool = False, size: int = 0):
+    def __init__(self, reason: str, *, http_status: int | None = None, transient: bool = False, size: int = 0,
+                 retry_after_s: float | None = None):
         super().__init__(reason)
         self.reason = reason
         self.http_status = http_status
         self.transient = transient
         self.size = size
+        self.retry_after_s = retry_after_s
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delay-seconds or an HTTP date); None if absent or unreadable."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a zone-less one is read as such
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 def _classify(exc: BaseException) -> _Failure:
@@ -242,7 +216,10 @@ def _classify(exc: BaseException) -> _Failure:
     if isinstance(exc, (aiohttp.InvalidURL, ValueError)):
         return _Failure("bad_url")
     if isinstance(exc, aiohttp.ClientResponseError):
-        return _Failure("bad_response", http_status=exc.status or None)
+        # We never raise_for_status, so this is aiohttp's parser refusing the response
+        # (an oversized header, a broken status line): its status is the parser's
+        # invented 400, not one the server sent.
+        return _Failure("bad_response")
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return _Failure("connection_error", transient=True)
     log.warning("unexpected error while fetching: %r", exc)
@@ -262,7 +239,7 @@ async def _read_capped(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _download(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) -> tuple[bytes, int]:
+async def _download(session: aiohttp.ClientSession, url: str, cfg: DownloadConfig) -> tuple[bytes, int]:
     """One attempt: follow redirects by hand, checking each hop; return (body, status)."""
     target = url
     for _ in range(cfg.max_redirects + 1):
@@ -279,7 +256,9 @@ async def _download(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) 
                     continue
                 if not 200 <= resp.status < 300:
                     retry = resp.status in (408, 429) or resp.status >= 500
-                    raise _Failure(f"http_{resp.status}", http_status=resp.status, transient=retry)
+                    wait = retry_after_seconds(resp.headers.get("Retry-After")) if resp.status in (429, 503) else None
+                    raise _Failure(f"http_{resp.status}", http_status=resp.status, transient=retry,
+                                   retry_after_s=wait)
                 return await _read_capped(resp, cfg.max_bytes), resp.status
         except _Failure:
             raise
@@ -288,12 +267,12 @@ async def _download(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) 
     raise _Failure("too_many_redirects")
 
 
-def _backoff_delay(cfg: FetchConfig, attempt: int) -> float:
+def _backoff_delay(cfg: DownloadConfig, attempt: int) -> float:
     return cfg.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
 
 
 async def fetch_image(
-    session: aiohttp.ClientSession, url: str, cfg: FetchConfig, *, executor: Executor | None = None
+    session: aiohttp.ClientSession, url: str, cfg: DownloadConfig, *, executor: Executor | None = None
 ) -> FetchResult:
     """Download, verify, resize and re-encode one image; never raises for a bad URL or image.
 
@@ -304,7 +283,7 @@ async def fetch_image(
     problem = _static_url_problem(url, cfg.allow_private_addresses)
     if problem is not None:
         return FetchResult(url=url, status="failed", error=problem)
-    attempts = 0
+    attempts = retry_after = 0
     while True:
         attempts += 1
         try:
@@ -312,7 +291,11 @@ async def fetch_image(
             break
         except _Failure as failure:
             if failure.transient and attempts <= cfg.retries:
-                await asyncio.sleep(_backoff_delay(cfg, attempts))
+                if failure.retry_after_s is None:
+                    await asyncio.sleep(_backoff_delay(cfg, attempts))
+                else:
+                    retry_after += 1
+                    await asyncio.sleep(min(failure.retry_after_s, cfg.max_retry_after_s))
                 continue
             return FetchResult(
                 url=url,
@@ -321,8 +304,10 @@ async def fetch_image(
                 http_status=failure.http_status,
                 bytes_downloaded=failure.size,
                 attempts=attempts,
+                retry_after=retry_after,
             )
-    failed = dict(url=url, status="failed", http_status=http_status, bytes_downloaded=len(data), attempts=attempts)
+    failed = dict(url=url, status="failed", http_status=http_status, bytes_downloaded=len(data), attempts=attempts,
+                  retry_after=retry_after)
     try:
         image = await asyncio.get_running_loop().run_in_executor(executor, process_image, data, cfg)
     except ImageRejected as rejected:
@@ -339,12 +324,13 @@ async def fetch_image(
         sha256=image.sha256,
         bytes_downloaded=len(data),
         attempts=attempts,
+        retry_after=retry_after,
     )
 
 
 async def fetch_many(
     urls: list[str],
-    cfg: FetchConfig,
+    cfg: DownloadConfig,
     *,
     executor: Executor | None = None,
     on_result: Callable[[int, FetchResult], None] | None = None,
@@ -353,14 +339,15 @@ async def fetch_many(
 
     ``on_result(index, result)`` is called on the event loop as each URL finishes
     (for progress reporting). Without ``executor`` a thread pool of
-    ``cfg.process_threads`` (or one per CPU) threads does the image work.
+    ``cfg.decode_threads`` threads does the image work (each holds at most one decoded
+    image, which is what bounds a download process's memory: ``images.py``).
     """
     results: list[FetchResult | None] = [None] * len(urls)
     pending = iter(range(len(urls)))
     own_executor = None
     if executor is None:
         own_executor = executor = ThreadPoolExecutor(
-            max_workers=cfg.process_threads or os.cpu_count() or 1, thread_name_prefix="process_image"
+            max_workers=cfg.decode_threads, thread_name_prefix="process_image"
         )
 
     async def worker(session: aiohttp.ClientSession) -> None:
@@ -382,89 +369,6 @@ async def fetch_many(
     return results  # type: ignore[return-value]
 
 
-def fetch_shard(urls: list[str], cfg: FetchConfig) -> list[FetchResult]:
+def fetch_shard(urls: list[str], cfg: DownloadConfig) -> list[FetchResult]:
     """Synchronous ``fetch_many`` on a fresh event loop: what a process-pool worker calls."""
     return asyncio.run(fetch_many(list(urls), cfg))
-
-
-# ------------------------------------------------------------------------------- images
-
-
-def _target_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """Size with the short side at ``short_side`` and the aspect ratio kept; never larger."""
-    short = min(width, height)
-    if short <= short_side:
-        return width, height
-    if width <= height:
-        return short_side, max(short_side, round(height * short_side / width))
-    return max(short_side, round(width * short_side / height)), short_side
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-        # 16-bit greyscale: convert("L") would clip everything above 255 to white.
-        img = img.convert("I").point(lambda v: v / 256).convert("L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        background.alpha_composite(rgba)
-        return background.convert("RGB")
-    return img.convert("RGB")
-
-
-_EXIF_ORIENTATION = 0x0112
-_SWAPS_AXES = frozenset({5, 6, 7, 8})
-
-
-def process_image(data: bytes, cfg: FetchConfig) -> ProcessedImage:
-    """Decode and verify ``data``, resize (short side ``cfg.short_side``), re-encode JPEG.
-
-    Raises ``ImageRejected`` with reason ``not_an_image``, ``decode_error`` (truncated
-    or corrupt), ``image_too_small`` or ``too_many_pixels``.
-    """
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.UnidentifiedImageError as exc:
-        raise ImageRejected("not_an_image") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageRejected("too_many_pixels", str(exc)) from exc
-    except Exception as exc:  # Pillow raises many types on corrupt headers
-        raise ImageRejected("decode_error", repr(exc)) from exc
-    with img:
-        raw_width, raw_height = img.size
-        if raw_width * raw_height > cfg.max_pixels:
-            raise ImageRejected("too_many_pixels", f"{raw_width}x{raw_height}")
-        if min(raw_width, raw_height) < cfg.min_side:
-            raise ImageRejected("image_too_small", f"{raw_width}x{raw_height}")
-        try:
-            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-        except Exception:  # a corrupt EXIF block is no reason to drop the image
-            orientation = 1
-        try:
-            # JPEG only: decode at 1/2, 1/4 or 1/8 scale straight from the DCT
-            # coefficients, never below the target size; the big win in decode time.
-            img.draft("RGB", _target_size(raw_width, raw_height, cfg.short_side))
-            img.load()  # the full decode: a truncated file raises here
-            out_img = ImageOps.exif_transpose(img) if orientation != 1 else img
-            out_img = _to_rgb(out_img)
-            size = _target_size(out_img.width, out_img.height, cfg.short_side)
-            if size != out_img.size:
-                out_img = out_img.resize(size, _RESAMPLE[cfg.resample], reducing_gap=3.0)
-            buffer = io.BytesIO()
-            out_img.save(buffer, "JPEG", quality=cfg.jpeg_quality)
-        except Exception as exc:  # any failure on a hostile file is this image's, not the shard's
-            raise ImageRejected("decode_error", repr(exc)) from exc
-    jpeg = buffer.getvalue()
-    swapped = orientation in _SWAPS_AXES
-    return ProcessedImage(
-        jpeg=jpeg,
-        orig_width=raw_height if swapped else raw_width,
-        orig_height=raw_width if swapped else raw_height,
-        width=size[0],
-        height=size[1],
-        sha256=hashlib.sha256(jpeg).hexdigest(),
-    )

@@ -5,39 +5,24 @@ streams every list once, drops duplicate URLs and splits the rest into URL
 shards of ``shard_size`` (``sources/shards/{shard}.parquet``); a manifest written
 last makes the split idempotent. Each shard is then fetched in a worker process
 (async HTTP with bounded concurrency inside it, ``processes`` of them per
-machine), and the worker writes the tar and the table of every URL tried.
+machine), and the worker writes the tar and the table of every URL tried (its
+status, failure reason and number of requests). A worker that dies mid-shard (the
+OOM killer) costs only that shard, which runs again on a fresh process
+(``tasks/worker_pool.py``) and counts ``worker_died``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import functools
-import multiprocessing as mp
-import threading
 from collections import Counter
 
 from storage import DatasetLayout, ShardWriter, make_key, read_json, read_table, write_json, write_table
 from storage.fs import join
 from tasks.config import DownloadConfig, PipelineConfig, fingerprint
-from tasks.download.fetch import FetchConfig, fetch_shard
-from tasks.stage import ShardOutcome, Stage
+from tasks.download.fetch import fetch_shard
 from tasks.download.url_lists import UrlRecord, dedupe_urls, read_url_list, shard_records
-
-
-def fetch_config(cfg: DownloadConfig) -> FetchConfig:
-    return FetchConfig(
-        timeout_s=cfg.timeout_s,
-        retries=cfg.retries,
-        backoff_s=cfg.backoff_s,
-        max_bytes=cfg.max_bytes,
-        concurrency=cfg.concurrency,
-        user_agent=cfg.user_agent,
-        allow_private_addresses=cfg.allow_private_addresses,
-        max_redirects=cfg.max_redirects,
-        short_side=cfg.short_side,
-        jpeg_quality=cfg.jpeg_quality,
-        min_side=cfg.min_side,
-    )
+from tasks.stage import ShardOutcome, Stage
+from tasks.worker_pool import WorkerPool, shared_pool
 
 
 def split_sources(config: PipelineConfig) -> dict:
@@ -89,7 +74,7 @@ def download_shard(root: str, shard: str, cfg: DownloadConfig) -> tuple[dict, di
     """Fetch one URL shard and write its tar and table. Runs inside a worker process."""
     layout = DatasetLayout(root)
     urls = read_table(layout.url_shard(shard)).to_pylist()
-    results = fetch_shard([u["url"] for u in urls], fetch_config(cfg))
+    results = fetch_shard([u["url"] for u in urls], cfg)
     counts: Counter = Counter(urls=len(urls))
     failures: Counter = Counter()
     rows = []
@@ -114,6 +99,8 @@ def download_shard(root: str, shard: str, cfg: DownloadConfig) -> tuple[dict, di
             else:
                 failures[res.error] += 1
                 counts["failed"] += 1
+            if res.retry_after:  # waits a server asked for (429/503 with Retry-After)
+                counts["retry_after"] += res.retry_after
             rows.append(
                 {
                     "key": key,
@@ -138,29 +125,13 @@ def download_shard(root: str, shard: str, cfg: DownloadConfig) -> tuple[dict, di
     return dict(counts), dict(failures)
 
 
-class _WorkerPool:
-    """One process pool per driver process, created on first use, sized by ``processes``."""
-
-    _lock = threading.Lock()
-    _pool: cf.ProcessPoolExecutor | None = None
-    _size = 0
-
-    @classmethod
-    def get(cls, size: int) -> cf.ProcessPoolExecutor:
-        with cls._lock:
-            if cls._pool is None or cls._size != size:
-                if cls._pool is not None:
-                    cls._pool.shutdown(wait=True)
-                # spawn, not fork: the driver holds threads (Prefect, event loops).
-                cls._pool = cf.ProcessPoolExecutor(max_workers=size, mp_context=mp.get_context("spawn"))
-                cls._size = size
-            return cls._pool
-
-
 class DownloadStage(Stage):
     name = "download"
     task_name = "download_shard"
     throughput_count = "urls"
+
+    def output_files(self, shard: str) -> dict[str, str]:
+        return {"tar": self.layout.images_tar(shard), "table": self.layout.images_table(shard)}
 
     @property
     def section(self) -> DownloadConfig:
@@ -187,9 +158,13 @@ class DownloadStage(Stage):
         return [f"{i:05d}" for i in range(self.manifest["num_shards"])]
 
     def process(self, shard: str) -> ShardOutcome:
-        pool = _WorkerPool.get(self.section.processes)
-        counts, failures = pool.submit(download_shard, self.layout.root, shard, self.section).result()
-        return ShardOutcome(Counter(counts), Counter(failures))
+        size = self.section.processes
+        pool = shared_pool("download", size, lambda: WorkerPool(size))
+        (counts, failures), deaths = pool.run(download_shard, self.layout.root, shard, self.section)
+        counts = Counter(counts)
+        if deaths:
+            counts["worker_died"] = deaths
+        return ShardOutcome(counts, Counter(failures))
 
 
 __all__ = ["DownloadStage", "UrlRecord", "download_shard", "split_sources"]

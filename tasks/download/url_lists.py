@@ -28,9 +28,15 @@ import fsspec
 
 FORMATS = ("cc3m", "cc12m", "yfcc15m", "dreamlip")
 
-# "scheme://something" with no whitespace; http(s) is preferred when a row has several.
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
-_HTTP_RE = re.compile(r"^https?://\S+$", re.IGNORECASE)
+# "scheme://something" with no whitespace, or with inner spaces: lists carry URLs with raw
+# spaces, and the fetcher quotes them (as a browser does) while the row keeps the URL as
+# listed, the key the DreamLIP captions are joined on. A row's URL is its first field that
+# is an http(s) URL without spaces, then any scheme's, then one with spaces.
+_URL_PATTERNS = tuple(
+    re.compile(rf"^{scheme}://\S+{spaces}$", re.IGNORECASE)
+    for spaces in ("", r"(?: +\S+)*")
+    for scheme in ("https?", "[a-z][a-z0-9+.-]*")
+)
 
 # YFCC15M lists come from several re-releases with different column names.
 _YFCC_URL_COLUMNS = ("url", "downloadurl", "download_url", "photo_url", "photourl", "image_url")
@@ -39,12 +45,6 @@ _DREAMLIP_URL_COLUMN = "Image Path"
 _DREAMLIP_CAPTION_COLUMN = "raw_caption"
 
 _PARQUET_BATCH_ROWS = 65_536
-
-# DreamLIP's long captions can exceed csv's 128 KiB default field limit; the cap still
-# bounds memory when a stray quote would otherwise swallow the rest of a 30 GB file
-# (csv raises at the cap and resynchronises on the next line).
-CSV_FIELD_SIZE_LIMIT = 16 * 2**20
-csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_SIZE_LIMIT))  # never lower another reader's
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,17 @@ def _is_parquet(path_or_url: str) -> bool:
     return path_or_url.lower().rstrip("/").endswith((".parquet", ".pq"))
 
 
+def _url_index(fields: list[str]) -> int | None:
+    """Index of the field that is the row's URL (see ``_URL_PATTERNS``), or None."""
+    for pattern in _URL_PATTERNS:
+        for i, field in enumerate(fields):
+            if pattern.match(field):
+                return i
+    return None
+
+
 def _looks_like_url(field: str) -> bool:
-    return bool(_URL_RE.match(field))
+    return _url_index([field]) is not None
 
 
 def _caption_or_none(text: str | None) -> str | None:
@@ -132,9 +141,7 @@ def _read_two_column_tsv(path_or_url: str, source: str, counts: Counter) -> Iter
             if len(fields) < 2:
                 counts["missing_column"] += 1
                 continue
-            url_index = next((i for i, field in enumerate(fields) if _HTTP_RE.match(field)), None)
-            if url_index is None:
-                url_index = next((i for i, field in enumerate(fields) if _looks_like_url(field)), None)
+            url_index = _url_index(fields)
             if url_index is None:
                 if {field.lower() for field in fields} & {"url", "caption"}:
                     counts["header"] += 1

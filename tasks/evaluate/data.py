@@ -37,6 +37,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("center_crop", "squash")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+FOLDER_TEMPLATES = ("a photo of a {}.",)  # class folders name no dataset, so no dataset templates
 
 
 @dataclass
@@ -145,6 +146,18 @@ def read_jsonl(config: EvalDatasetConfig) -> RetrievalSet:
     return _grouped(config.name, captions, failures, config.max_images)
 
 
+def even_spread(labels: list[int], count: int | None) -> list[int]:
+    """Indices of `count` items taken round-robin over the classes (all when None), in their order:
+    a smoke run with `max_images` still sees every class, not the first classes only."""
+    if count is None:
+        return list(range(len(labels)))
+    seen, rank_in_class = Counter(), []
+    for label in labels:
+        rank_in_class.append(seen[label])
+        seen[label] += 1
+    return sorted(sorted(range(len(labels)), key=lambda i: (rank_in_class[i], labels[i]))[:count])
+
+
 def read_class_folders(config: EvalDatasetConfig) -> ClassificationSet:
     fs, root = open_fs(config.path)
     protocol = config.path.split("://", 1)[0] + "://" if "://" in config.path else ""
@@ -156,16 +169,10 @@ def read_class_folders(config: EvalDatasetConfig) -> ClassificationSet:
         files = sorted(p for p in fs.ls(class_dir, detail=False) if p.lower().endswith(IMAGE_SUFFIXES))
         image_paths += [protocol + p if protocol and "://" not in p else p for p in files]
         labels += [label] * len(files)
-    if config.max_images is not None:
-        # An even spread over classes, not the first classes only.
-        seen, rank_in_class = Counter(), []
-        for label in labels:
-            rank_in_class.append(seen[label])
-            seen[label] += 1
-        keep = sorted(sorted(range(len(labels)), key=lambda i: (rank_in_class[i], labels[i]))[:config.max_images])
-        image_paths, labels = [image_paths[i] for i in keep], [labels[i] for i in keep]
+    keep = even_spread(labels, config.max_images)
+    image_paths, labels = [image_paths[i] for i in keep], [labels[i] for i in keep]
     names = [d.rsplit("/", 1)[-1].replace("_", " ") for d in class_dirs]
-    return ClassificationSet(config.name, image_paths, labels, names, list(config.templates))
+    return ClassificationSet(config.name, image_paths, labels, names, list(config.templates or FOLDER_TEMPLATES))
 
 
 READERS = {"coco": read_coco, "flickr30k": read_karpathy, "jsonl": read_jsonl, "classification": read_class_folders}

@@ -2,44 +2,32 @@
 
 Writes the student's vision and text towers as a Hugging Face CLIP checkpoint
 (`transformers.CLIPModel.from_pretrained(OUT_DIR)` loads it), the text-conditioned pooling
-block and logit bias (`text_conditioned_pooling.pt`), the GoldiCLIP config as JSON, and the
-tokenizer; teacher, decoder and loss weights stay behind (`GoldiCLIP.export_pretrained`).
-`load_exported(OUT_DIR)` gives back a GoldiCLIP whose `score(...)` is the project's scorer.
+block and logit bias, the GoldiCLIP config as JSON, and the tokenizer; teacher, decoder and loss
+weights stay behind (`GoldiCLIP.export_pretrained`). Both paths may be local or any fsspec URL
+(the export is written locally, then copied). `load_exported(OUT_DIR)` gives back a GoldiCLIP
+whose `score(...)` is the project's scorer.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from model import GoldiCLIP, GoldiCLIPConfig, load_tokenizer, replace_config
-from tasks.train.loop import CHECKPOINT_FILE, MODEL_CONFIG_FILE, load_checkpoint
+from model import GoldiCLIP
+from storage.fs import staged_dir
+from tasks.train.checkpoint import load_checkpoint, load_scoring_model, model_config_from_json, open_tokenizer
 
 
-def _scoring_only(config: GoldiCLIPConfig) -> GoldiCLIPConfig:
-    return replace_config(config, distill={"enabled": False}, decoder={"enabled": False})
-
-
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """A training checkpoint (its directory or its `checkpoint.pt`) -> an export directory."""
-    checkpoint = Path(checkpoint)
-    path = checkpoint / CHECKPOINT_FILE if checkpoint.is_dir() else checkpoint
-    if not path.exists():
-        raise ValueError(f"no {CHECKPOINT_FILE} at {checkpoint}")
-    state = load_checkpoint(path)
-    config = replace_config(GoldiCLIPConfig(), **json.loads(state["model_config"]))
-    model = GoldiCLIP(config)
+def export_checkpoint(checkpoint: str, out_dir: str) -> str:
+    """A training checkpoint (its directory or its checkpoint file) -> an export directory."""
+    state = load_checkpoint(checkpoint)
+    model = GoldiCLIP(model_config_from_json(state["model_config"]))
     model.load_state_dict(state["model"])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.export_pretrained(out_dir)
-    if state.get("tokenizer"):
-        load_tokenizer(state["tokenizer"]).save_pretrained(str(out_dir))
+    with staged_dir(out_dir) as local:
+        model.export_pretrained(local)
+        if state.get("tokenizer"):
+            open_tokenizer(state["tokenizer"]).save_pretrained(local)
     return out_dir
 
 
-def load_exported(out_dir: str | Path) -> GoldiCLIP:
+def load_exported(out_dir: str) -> GoldiCLIP:
     """The exported towers and pooling as a GoldiCLIP (teacher and decoder off), for scoring."""
-    out_dir = Path(out_dir)
-    config = replace_config(GoldiCLIPConfig(), **json.loads((out_dir / MODEL_CONFIG_FILE).read_text()))
-    return GoldiCLIP.from_pretrained_towers(out_dir, _scoring_only(config)).eval()
+    model, _ = load_scoring_model(out_dir)
+    return model.eval()

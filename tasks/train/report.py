@@ -2,7 +2,8 @@
 
 Reads the metric rows rank 0 writes (`<run>/metrics.jsonl`, tasks/train/loop.py) and draws, with
 matplotlib's Agg backend, one figure of the losses (`loss/*`), one of the log-variances s_i
-(`log_var/*`) and one of the effective weights (`weight/*`), saved under `<run>/plots/`.
+(`log_var/*`) and one of the effective weights (`weight/*`), saved under `<run>/plots/` (a local
+path or any fsspec URL: drawn locally, then copied).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from storage.fs import exists, join, staged_dir  # noqa: E402
+
+PLOTS_DIR = "plots"
 PLOT_GROUPS = {
     "losses": ("loss/", "Losses (each term before weighting; total = weighted sum)"),
     "log_vars": ("log_var/", "Learned log-variances s_i = log sigma_i^2 (Kendall et al.)"),
@@ -45,6 +49,18 @@ def plot_metrics(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
         plt.close(fig)
         paths[group] = path
     return paths
+
+
+def write_plots(rows: list[dict], run_dir: str) -> None:
+    """The plots of `rows` under `<run_dir>/plots/` (`plot_files` lists them)."""
+    with staged_dir(join(run_dir, PLOTS_DIR)) as local:
+        plot_metrics(rows, local)
+
+
+def plot_files(run_dir: str) -> dict[str, str]:
+    """{group: URL} of the plots a run has on storage."""
+    urls = {group: join(run_dir, PLOTS_DIR, f"{group}.png") for group in PLOT_GROUPS}
+    return {group: url for group, url in urls.items() if exists(url)}
 
 
 def final_table(rows: list[dict]) -> list[dict]:

@@ -8,7 +8,7 @@ from .helpers import make_batch
 
 from model import DINOHead, DistillConfig, DistillationLoss, EMATeacher, GoldiCLIP, ema_momentum, replace_config
 
-CONFIG = DistillConfig(head_hidden_dim=32, head_bottleneck_dim=8, num_prototypes=64, image_chunk_size=2)
+CONFIG = DistillConfig(head_hidden_dim=32, head_bottleneck_dim=8, num_prototypes=64)
 
 
 def reference_distillation(student_logits, teacher_logits, center, student_temp, teacher_temp):
@@ -27,15 +27,17 @@ def reference_distillation(student_logits, teacher_logits, center, student_temp,
     return total / pairs
 
 
-def test_chunked_loss_matches_the_pairwise_formula():
+@pytest.mark.parametrize("chunk_size", [None, 2, 5, 7])
+def test_loss_in_chunks_matches_the_pairwise_formula(chunk_size):
     torch.manual_seed(0)
-    head, loss_fn = DINOHead(CONFIG, 16), DistillationLoss(CONFIG)
+    head, loss_fn = DINOHead(CONFIG, 16), DistillationLoss(CONFIG, chunk_size)
     with torch.no_grad():
         loss_fn.center.normal_()
     student_features, teacher_features = torch.randn(5, 6, 16), torch.randn(5, 2, 16)
     center = loss_fn.center.clone()
     teacher_logits = head(teacher_features).detach()
-    probs = loss_fn.teacher_probs(teacher_logits, torch.tensor(0))
+    probs = loss_fn.teacher_probs(teacher_embed=head.embed(teacher_features).detach(),
+                                  weight=head.prototype_weight().detach(), step=torch.tensor(0))
     loss = loss_fn(student_embed=head.embed(student_features), weight=head.prototype_weight(), teacher_probs=probs)
     expected = reference_distillation(head(student_features), teacher_logits, center, 0.1, 0.04)
     assert torch.allclose(loss, expected, atol=1e-4)
@@ -51,14 +53,17 @@ def test_prototypes_have_unit_norm_and_embeddings_are_normalised():
     assert head(torch.randn(3, 16)).shape == (3, 64)
 
 
-def test_center_moves_by_its_ema_rule():
-    loss_fn = DistillationLoss(CONFIG)
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_center_moves_by_its_ema_rule(chunk_size):
+    loss_fn = DistillationLoss(CONFIG, chunk_size)
     old = torch.randn(1, 64)
     loss_fn.center.copy_(old)
-    teacher_logits = torch.randn(4, 2, 64)
-    loss_fn.teacher_probs(teacher_logits, torch.tensor(0))
+    embed, weight = torch.randn(4, 2, 8), torch.randn(64, 8)
+    probs = loss_fn.teacher_probs(teacher_embed=embed, weight=weight, step=torch.tensor(0))
+    teacher_logits = embed @ weight.T
+    assert torch.allclose(probs, torch.softmax((teacher_logits - old) / 0.04, dim=-1), atol=1e-6)
     expected = 0.9 * old + 0.1 * teacher_logits.mean(dim=(0, 1))
-    assert torch.allclose(loss_fn.center, expected, atol=1e-6)
+    assert torch.allclose(loss_fn.center, expected, atol=1e-5)
 
 
 def test_teacher_temperature_warms_up():

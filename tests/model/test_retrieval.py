@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from model import PoolingConfig, RetrievalConfig, SigmoidRetrievalLoss, TextConditionedPooling, gather_with_grad
 from model import sample_caption_index
+from model.retrieval import pooled_cosine
 
 B, K, P, D = 4, 3, 5, 16
 
@@ -62,8 +63,8 @@ def test_loss_matches_the_formula_pair_by_pair():
     image_global, texts = torch.randn(B, D), torch.randn(B * K, D)
     image_conditioned = torch.randn(B, B + K - 1, D)
     index = sample_caption_index(num_images=B, num_captions=K)
-    out = loss_fn(image_global=image_global, image_conditioned=image_conditioned, texts=texts, caption_index=index,
-                  num_captions=K)
+    out = loss_fn(image_global=image_global, conditioned_cosine=pooled_cosine(image_conditioned, texts[index]),
+                  texts=texts, caption_index=index, num_captions=K)
     expected = reference_loss(image_global, image_conditioned, texts, index, math.exp(1.5), -2.0)
     assert torch.allclose(out["ret"], expected, atol=1e-5)
 
@@ -101,7 +102,8 @@ def run_retrieval(inputs, first_image: int, num_local: int, world_size: int):
     texts = inputs["texts"][first_image * K:(first_image + num_local) * K].clone().requires_grad_()
     all_texts = gather_with_grad(texts)
     index = inputs["index"][rows]
-    out = loss_fn(image_global=image_global, image_conditioned=pooling(all_texts[index], patches), texts=all_texts,
+    cosine = pooled_cosine(pooling(all_texts[index], patches), all_texts[index])
+    out = loss_fn(image_global=image_global, conditioned_cosine=cosine, texts=all_texts,
                   caption_index=index, num_captions=K, image_offset=first_image, world_size=world_size)
     out["ret"].backward()
     params = {name: p.grad for name, p in [*pooling.named_parameters(), *loss_fn.named_parameters()]}

@@ -1,9 +1,9 @@
 """The train flow end to end: a real local Ray cluster (2 CPU workers), the real Prefect test API.
 
 One Ray cluster serves the module. Covered: checkpoints, metrics, plots and artifacts; a worker
-failure retried by FailureConfig (the test-only hook makes rank 1 raise once); SIGKILL of the
-driver after a checkpoint, then a rerun of the flow resumes from the last checkpoint with the
-same step and data position, and the loss history continues.
+failure retried by FailureConfig (an `on_step` hook injected into the workers makes rank 1 raise
+once); SIGKILL of the driver after a checkpoint, then a rerun of the flow resumes from the last
+checkpoint with the same step and data position, and the loss history continues.
 """
 
 from __future__ import annotations
@@ -21,15 +21,10 @@ import torch
 import yaml
 
 from storage import read_json
-from tasks.train.loop import (
-    CHECKPOINT_FILE,
-    STARTS_FILE,
-    TEST_FAIL_ONCE_ENV,
-    TEST_FAILURE_MARKER,
-    latest_checkpoint_on_storage,
-    read_metrics,
-)
 from tasks.demo.train_shards import write_train_shards
+from tasks.stage import SINGLE_UNIT
+from tasks.train.checkpoint import CHECKPOINT_FILE, latest_checkpoint
+from tasks.train.loop import STARTS_FILE, read_metrics
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -54,23 +49,37 @@ def run_dir_of(summary: dict) -> Path:
     return Path(summary["run_dir"])
 
 
-def test_flow_trains_checkpoints_plots_and_survives_a_worker_failure(prefect_harness, ray_cluster, tmp_path,
-                                                                     monkeypatch):
+def test_flow_trains_checkpoints_plots_and_survives_a_worker_failure(prefect_harness, ray_cluster, tmp_path):
+    from prefect import flow
     from prefect.client.orchestration import get_client
 
-    from pipelines.train import train_flow
+    from pipelines.common import resolve_config
+    from pipelines.train import run_training, train_flow
 
     root = tmp_path / "data"
     write_train_shards(root / "train", num_shards=2, per_shard=16)
-    monkeypatch.setenv(TEST_FAIL_ONCE_ENV, "4")
+    marker = tmp_path / "failure-injected"
+
+    def fail_once_on_rank_1(step: int, rank: int) -> None:
+        # Runs in the Ray workers (a closure: cloudpickle ships it by value); the marker file
+        # outlives the worker group, so the restarted workers go on.
+        if step == 4 and rank == 1 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected failure at step 4 on rank 1")
+
+    @flow(name="train")
+    def train_with_a_worker_failure(config: dict) -> dict:
+        return run_training(resolve_config(config), on_step=fail_once_on_rank_1)
+
     config = config_dict(root, steps=6, checkpoint_every=3)
-    summary = train_flow(config)
+    summary = train_with_a_worker_failure(config)
 
     run_dir = run_dir_of(summary)
     assert summary["counts"] == {"steps": 6, "samples_seen": 6 * BATCH * WORKERS, "samples_read": 6 * BATCH * WORKERS}
-    assert summary["failures"] == {} and summary["last_run"]["processed"] == [summary["run"]]
+    assert summary["failures"] == {} and summary["last_run"]["processed"] == [SINGLE_UNIT]
+    assert summary["run"] == run_dir.name and read_json(str(root / "_stages/train.json")) == summary
     # rank 1 raised at step 4; Ray restarted the workers from the step-3 checkpoint
-    assert (run_dir / TEST_FAILURE_MARKER).exists()
+    assert marker.exists()
     starts = read_json(str(run_dir / STARTS_FILE))
     assert [s["step"] for s in starts] == [0, 3] and starts[1]["restored_from"]
     assert [r["step"] for r in read_metrics(str(run_dir))] == [1, 2, 3, 4, 5, 6]
@@ -85,7 +94,8 @@ def test_flow_trains_checkpoints_plots_and_survives_a_worker_failure(prefect_har
     assert {"train-progress", "train-metrics", "train-report"} <= keys
 
     again = train_flow(config)  # same config: the finished run is skipped, not redone
-    assert again["last_run"]["skipped"] == [summary["run"]] and again["counts"]["steps"] == 6
+    assert again["last_run"]["skipped"] == [SINGLE_UNIT] and again["counts"]["steps"] == 6
+    assert again["run"] == summary["run"] and again["checkpoint"] == summary["checkpoint"]
 
 
 def test_sigkill_of_the_driver_then_rerun_resumes(prefect_harness, ray_cluster, tmp_path):
@@ -109,7 +119,7 @@ def test_sigkill_of_the_driver_then_rerun_resumes(prefect_harness, ray_cluster, 
     try:
         while time.monotonic() < deadline and driver.poll() is None:
             run_dirs = list(runs.glob("goldiclip-*")) if runs.exists() else []
-            if run_dirs and latest_checkpoint_on_storage(str(run_dirs[0])):
+            if run_dirs and latest_checkpoint(str(run_dirs[0])):
                 break
             time.sleep(0.5)
         assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
@@ -123,12 +133,12 @@ def test_sigkill_of_the_driver_then_rerun_resumes(prefect_harness, ray_cluster, 
     # may finish one more checkpoint: wait until the run directory stops changing.
     seen, deadline = None, time.monotonic() + 60
     while time.monotonic() < deadline:
-        now = (latest_checkpoint_on_storage(str(run_dir)), len(read_metrics(str(run_dir))))
+        now = (latest_checkpoint(str(run_dir)), len(read_metrics(str(run_dir))))
         if now == seen:
             break
         seen = now
         time.sleep(4)
-    killed_at = torch.load(Path(latest_checkpoint_on_storage(str(run_dir))) / CHECKPOINT_FILE,
+    killed_at = torch.load(Path(latest_checkpoint(str(run_dir))) / CHECKPOINT_FILE,
                            weights_only=True)["step"]
     assert 3 <= killed_at < 14
     before = {r["step"]: r for r in read_metrics(str(run_dir))}

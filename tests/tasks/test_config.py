@@ -83,3 +83,22 @@ def test_speed_knobs_stay_out_of_the_fingerprint():
     fp = lambda cfg: fingerprint(cfg.download.fingerprint_payload())  # noqa: E731
     assert fp(a) == fp(b)
     assert fp(a) != fp(c)
+
+
+def test_train_memory_options_are_the_models_and_stay_out_of_the_fingerprint():
+    import dataclasses
+
+    from model import MemoryConfig, get_preset
+    from tasks.config import TrainMemoryConfig
+
+    defaults = TrainMemoryConfig().model_dump()
+    assert defaults == dataclasses.asdict(MemoryConfig())  # same names, all off
+    options = {"checkpoint_vision": True, "pooling_chunk_size": 32, "head_chunk_size": 64}
+    train = PipelineConfig.model_validate({"dataset": {"root": "/x"}, "train": {"memory": options}}).train
+    assert get_preset(train.preset, **train.model_overrides_with_memory()).memory == MemoryConfig(**options)
+    plain = PipelineConfig.model_validate({"dataset": {"root": "/x"}}).train
+    assert fingerprint(train.fingerprint_payload()) == fingerprint(plain.fingerprint_payload())
+    with pytest.raises(ConfigError, match="train.memory"):
+        load_config(preset="demo", overrides={"train.model_overrides.memory.head_chunk_size": 8})
+    with pytest.raises(ConfigError, match="pooling_chunk_size"):
+        load_config(preset="demo", overrides={"train.memory.pooling_chunk_size": 0})

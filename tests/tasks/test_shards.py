@@ -12,8 +12,9 @@ import webdataset as wds
 from PIL import Image
 
 from storage import DatasetLayout, ShardRecord, ShardWriter, StageRecords, iter_shard, make_key, write_table
+from storage.integrity import file_digest
 from tasks.config import PipelineConfig
-from tasks.stage import run_stage
+from tasks.stage import InputDamaged, run_stage
 from tasks.shards import TrainingShardsStage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,8 +27,10 @@ def _jpeg(s: int, i: int) -> bytes:
     return out.getvalue()
 
 
-def _put(layout, stage, shard, counts, tag=""):
-    StageRecords(layout, stage).put(ShardRecord(shard, f"{stage}-{shard}{tag}", counts))
+def _put(layout, stage, shard, counts, tag="", **files):
+    """A finished upstream record, with the size and checksum of each output (``name=url``), as a stage writes it."""
+    outputs = {name: {"path": layout.relative(url), **file_digest(url).as_dict()} for name, url in files.items()}
+    StageRecords(layout, stage).put(ShardRecord(shard, f"{stage}-{shard}{tag}", counts, outputs=outputs))
 
 
 def write_boxes(layout: DatasetLayout, s: int, tag: str = "") -> dict[str, list]:
@@ -38,7 +41,7 @@ def write_boxes(layout: DatasetLayout, s: int, tag: str = "") -> dict[str, list]
         for i in range(PER_INPUT) if i % 3 == 0
     ]
     write_table(layout.annotation("boxes", shard), rows, "boxes")
-    _put(layout, "boxes", shard, {"with_boxes": len(rows)}, tag)
+    _put(layout, "boxes", shard, {"with_boxes": len(rows)}, tag, table=layout.annotation("boxes", shard))
     return {r["key"]: r for r in rows}
 
 
@@ -77,13 +80,13 @@ def build_root(root: Path, boxes_inputs=(0, 1)) -> tuple[DatasetLayout, dict[str
             downloads.append({"key": None, "index": PER_INPUT, "url": "http://img.test/404", "status": "failed",
                               "error": "http_404"})
         write_table(layout.images_table(shard), downloads, "downloads")
-        _put(layout, "download", shard, {"ok": PER_INPUT, "failed": 1})
-        write_table(layout.annotation("captions", shard), captions, "captions")
-        _put(layout, "captions", shard, {"images": PER_INPUT, "captioned": len(captions)})
-        write_table(layout.annotation("phrases", shard), phrases, "phrases")
-        _put(layout, "phrases", shard, {"with_phrases": len(phrases)})
-        write_table(layout.annotation("vqa", shard), vqa, "vqa")
-        _put(layout, "vqa", shard, {"with_vqa": len(vqa)})
+        _put(layout, "download", shard, {"ok": PER_INPUT, "failed": 1},
+             tar=layout.images_tar(shard), table=layout.images_table(shard))
+        for kind, rows, counts in (("captions", captions, {"images": PER_INPUT, "captioned": len(captions)}),
+                                   ("phrases", phrases, {"with_phrases": len(phrases)}),
+                                   ("vqa", vqa, {"with_vqa": len(vqa)})):
+            write_table(layout.annotation(kind, shard), rows, kind)
+            _put(layout, kind, shard, counts, table=layout.annotation(kind, shard))
         if s in boxes_inputs:
             for key, row in write_boxes(layout, s).items():
                 expected[key]["boxes"] = row["boxes"]
@@ -256,3 +259,60 @@ def test_output_reads_with_webdataset(built):
     for key, image, doc in rows:
         assert image.size == (8, 6) and doc["key"] == key and doc["captions"]["long"]["LLA"] == f"LLA {key}"
         assert json.dumps(doc)  # plain JSON all the way down
+
+
+def test_a_cut_images_tar_is_named_and_its_download_shard_marked_to_redo(built):
+    """Issue #13 item 1: never counted as ``image_missing``, never a ReadError that names no file."""
+    layout, _ = built
+    config = make_config(layout)
+    run_stage(TrainingShardsStage(config))
+    tar = Path(layout.images_tar("00001"))
+    intact = tar.read_bytes()
+    tar.write_bytes(intact[: len(intact) // 2])  # its record is left as it was
+    with pytest.raises(InputDamaged, match=(
+            rf"images/00001\.tar \(download shard 00001\) is damaged: {len(intact) // 2} bytes, its record says "
+            rf"{len(intact)}; download shard 00001 is marked to be redone: rerun download, then shards")):
+        run_stage(TrainingShardsStage(config), force=True)
+    rec = StageRecords(layout, "download").get("00001")
+    assert not rec.done and rec.invalidated.startswith("images/00001.tar: ")
+    again = TrainingShardsStage(config)
+    again.prepare()
+    assert again.list_shards() == ["00000", "00001", "00002", "00003", "00004"]  # its window keeps its place
+    with pytest.raises(InputDamaged, match="download shard 00001 is marked to be redone"):
+        again.run_shard("00000")
+
+    tar.write_bytes(intact)  # the download stage redoes the shard (byte for byte, as a deterministic rerun)
+    _put(layout, "download", "00001", {"ok": PER_INPUT, "failed": 1},
+         tar=layout.images_tar("00001"), table=layout.images_table("00001"))
+    summary = run_stage(TrainingShardsStage(config))
+    assert summary["last_run"]["processed"] == []  # same bytes as when the outputs were written
+    forced = run_stage(TrainingShardsStage(config), force=True)
+    assert "image_missing" not in forced["failures"] and forced["counts"]["samples"] == 28
+
+
+def test_a_same_size_corruption_of_an_images_tar_is_caught_while_it_streams(built):
+    layout, _ = built
+    tar = Path(layout.images_tar("00000"))
+    data = bytearray(tar.read_bytes())
+    data[1000] ^= 0xFF  # inside the first JPEG: the tar still parses
+    tar.write_bytes(bytes(data))
+    with pytest.raises(InputDamaged, match=r"images/00000\.tar \(download shard 00000\) is damaged: checksum crc32:"):
+        run_stage(TrainingShardsStage(make_config(layout)))
+    assert StageRecords(layout, "download").get("00000").invalidated
+
+
+def test_only_the_annotations_a_window_reads_decide_its_outputs(built):
+    """Rewriting an input with the same bytes redoes nothing; changing one redoes its window only."""
+    layout, _ = built
+    config = make_config(layout)
+    run_stage(TrainingShardsStage(config))
+    phrases = Path(layout.annotation("phrases", "00002"))
+    same = phrases.read_bytes()
+    phrases.unlink()
+    phrases.write_bytes(same)
+    _put(layout, "phrases", "00002", {"with_phrases": 5}, tag="-forced", table=str(phrases))  # a new fingerprint
+    assert run_stage(TrainingShardsStage(config))["last_run"]["processed"] == []
+    write_table(str(phrases), [{"key": make_key(2, 0), "phrases": [{"text": "new", "sentence": "", "field": ""}]}],
+                "phrases")
+    _put(layout, "phrases", "00002", {"with_phrases": 1}, table=str(phrases))
+    assert run_stage(TrainingShardsStage(config))["last_run"]["processed"] == ["00003", "00004"]

@@ -138,3 +138,33 @@ def test_caption_text_picks_fields_by_captioner():
     assert [caption_text(row, f) for f in ("raw", "short.SV", "long.LLA", "long.IB")] == [
         "r", "sv", "LLA long", "IB long"]
     assert caption_text({"raw": None, "short": None, "long": None}, "long.LLA") == ""
+
+
+def test_killed_spacy_worker_is_replaced_and_its_texts_parsed_again(parser):
+    import multiprocessing as mp
+    import os
+    import signal
+    import time
+
+    texts = [f"{LLAVA} A cat number {i} sleeps on a red sofa." for i in range(48)]
+    before = {p.pid for p in mp.active_children()}
+    # batch_size 7: a configuration no other test uses, so its workers are new processes.
+    two = PhraseParser(PhrasesConfig(n_process=2, batch_size=7), nlp=parser.nlp)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["out"] = two(texts)
+        except BaseException as exc:  # the assertion below shows it
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)  # as in a Prefect task
+    thread.start()
+    deadline = time.time() + 60
+    while not (workers := [p for p in mp.active_children() if p.pid not in before]) and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(workers[0].pid, signal.SIGKILL)  # the OOM killer, while it loads the model or parses
+    thread.join(timeout=180)
+    assert "error" not in result, repr(result.get("error"))
+    assert result["out"] == parser(texts)
+    assert two(texts[:20]) == parser(texts[:20])  # the replaced worker serves the next call

@@ -1,48 +1,17 @@
-"""DreamLIP CSV streaming, join and the partition of caption rows by image shard."""
+"""The DreamLIP CSV reader: streaming, bad rows counted (malformed, oversized), the URL join."""
 from __future__ import annotations
 
-import csv
-import io
 from collections import Counter
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tasks.captions.dreamlip import (
-    CAPTIONERS,
-    DreamlipCaptions,
-    DreamlipColumns,
-    UrlShardIndex,
-    iter_dreamlip_rows,
-    join_captions,
-    partition_by_shard,
-    read_shard_captions,
-    url_hash,
-    url_hashes,
-)
-
-HEADER = ["Image Path", "raw_caption"] + [f"{k}{c}_captions" for c in CAPTIONERS for k in ("short", "long")]
-
-
-def _row(i: int) -> list[str]:
-    caps = []
-    for c in CAPTIONERS:
-        caps += [f"short {c} {i}, with a comma.", f"Long {c} {i} first sentence.\nSecond sentence, \"quoted\"."]
-    return [f"http://x/{i}.jpg", f"raw {i}"] + caps
-
-
-def _csv_text(rows: list[list[str]], header: list[str] = HEADER) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
-def _write(path: Path, text: str) -> str:
-    path.write_text(text, encoding="utf-8", newline="")
-    return str(path)
+from storage.tables import CAPTIONERS
+from storage.caption_partitions import DreamlipCaptions
+from tasks.captions.dreamlip import DreamlipColumns, iter_dreamlip_rows, join_captions
+from tests.tasks.captions.csv_rows import HEADER
+from tests.tasks.captions.csv_rows import csv_text as _csv_text
+from tests.tasks.captions.csv_rows import row as _row
+from tests.tasks.captions.csv_rows import write as _write
 
 
 def test_streams_rows_with_quoted_newlines_and_commas(tmp_path):
@@ -111,142 +80,30 @@ def test_join_keeps_only_wanted_urls_across_files(tmp_path):
     assert set(join_captions([a, b], {"http://x/4.jpg"}, counts=Counter())) == {"http://x/4.jpg"}
 
 
-def _index(shards: dict[int, list[int]]) -> UrlShardIndex:
-    return UrlShardIndex.from_shards((s, [f"http://x/{i}.jpg" for i in ids]) for s, ids in shards.items())
+@pytest.mark.parametrize("column", [1, 7])  # the raw caption, the last (LLaVA long) caption
+def test_a_single_line_over_the_record_cap_is_an_oversized_row(tmp_path, column):
+    """Issue 13 item 6: the cap holds for one long line whatever csv's process-wide field limit is."""
+    import tasks.download.url_lists  # noqa: F401  (it once raised csv's limit to 16 MiB on import)
 
-
-def test_url_shard_index_maps_hashes_to_shards():
-    index = _index({0: [0, 1, 2], 7: [10, 11], 3: [20]})
-    assert len(index) == 6 and index.collisions == 0
-    urls = ["http://x/11.jpg", "http://x/missing.jpg", "http://x/0.jpg", "http://x/20.jpg"]
-    assert index.shard_of(url_hashes(urls)).tolist() == [7, -1, 0, 3]
-    assert url_hashes(["http://x/0.jpg"])[0] == url_hash("http://x/0.jpg")
-    assert UrlShardIndex.from_shards([]).shard_of(url_hashes(urls)).tolist() == [-1] * 4
-    # One hash in two shards (a collision): the first shard keeps it.
-    dup = UrlShardIndex(np.array([5, 9, 5], np.uint64), np.array([1, 2, 3], np.int32))
-    assert dup.collisions == 1 and dup.shard_of(np.array([5, 9], np.uint64)).tolist() == [1, 2]
-
-
-def _partition(csvs, out, index, split="split-fp", **kw):
-    calls = []
-
-    def load():
-        calls.append(1)
-        return index
-
-    manifest = partition_by_shard(csvs, out, split, load, **kw)
-    return manifest, len(calls)
-
-
-def test_partition_by_shard_round_trip(tmp_path):
-    a = _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(0, 30)]))
-    b = _write(tmp_path / "b.csv", _csv_text([_row(i) for i in range(30, 60)] + [_row(5), _row(99)]))
-    index = _index({0: list(range(0, 20)), 1: list(range(20, 40)), 2: list(range(40, 60))})
-    out = str(tmp_path / "parts")
-    manifest, loads = _partition([a, b], out, index, flush_bytes=4000, chunk_rows=7)
-    assert loads == 1
-    assert manifest["counts"] == {"rows": 62, "url_not_in_lists": 1}
-    assert [e["counts"] for e in manifest["csvs"]] == [{"rows": 30}, {"rows": 32, "url_not_in_lists": 1}]
-    root = tmp_path / "parts" / manifest["index"]
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["00000", "00001", "00002", "_csvs"]
-    assert len(list((root / "00000").glob("part-*.parquet"))) > 2  # the small budget made several flushes
-    expected = {r.url: r for path in (a, b) for r in iter_dreamlip_rows(path, counts=Counter())}
-    for shard, ids in {0: range(0, 20), 1: range(20, 40), 2: range(40, 60)}.items():
-        urls = {f"http://x/{i}.jpg" for i in ids}
-        counts = Counter()
-        got = read_shard_captions(out, manifest, shard, urls, counts=counts)
-        assert got == {u: expected[u] for u in urls}
-        assert counts == (Counter(duplicate_url=1) if shard == 0 else Counter())
-    assert got["http://x/59.jpg"].long["LLA"] == 'Long LLA 59 first sentence.\nSecond sentence, "quoted".'
-    # No directory for a shard without rows: nothing found, nothing raised.
-    assert read_shard_captions(out, manifest, 4, {"http://x/1.jpg"}, counts=Counter()) == {}
-
-
-def test_partition_verifies_urls_against_hash_collisions(tmp_path):
-    a = _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(4)]))
-    # Pretend http://x/3.jpg collides with a URL of shard 1 that has no caption row.
-    hashes = url_hashes([f"http://x/{i}.jpg" for i in range(4)])
-    index = UrlShardIndex(hashes, np.array([0, 0, 0, 1], np.int32))
-    out = str(tmp_path / "parts")
-    manifest, _ = _partition([a], out, index)
+    huge = _row(1)
+    huge[column] = "a very long caption " * 60_000  # 1.2 M characters on one line
+    path = _write(tmp_path / "a.csv", _csv_text([_row(0), huge, _row(2)]))
     counts = Counter()
-    assert read_shard_captions(out, manifest, 1, {"http://x/other.jpg"}, counts=counts) == {}
-    assert counts == Counter(url_hash_collision=1)
+    rows = list(iter_dreamlip_rows(path, counts=counts))
+    assert [r.url for r in rows] == ["http://x/0.jpg", "http://x/2.jpg"]
+    assert counts == Counter(rows=2, oversized_row=1)
 
 
-def test_partition_resumes_and_ignores_leftovers(tmp_path):
-    a = _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(20)]))
-    index = _index({0: list(range(10)), 1: list(range(10, 20))})
-    out = str(tmp_path / "parts")
-    manifest, _ = _partition([a], out, index)
-    shard_dir = tmp_path / "parts" / manifest["index"] / "00000"
-    # Junk a killed run might leave: a temporary file and a part of an unfinished attempt.
-    tag = manifest["csvs"][0]["tag"]
-    (shard_dir / f"part-{tag}-{manifest['csvs'][0]['attempt']}-000000.parquet.tmp-deadbeef").write_bytes(b"junk")
-    (shard_dir / f"part-{tag}-deadbeef0000-000000.parquet").write_bytes(b"junk")
-    got = read_shard_captions(out, manifest, 0, {"http://x/4.jpg"}, counts=Counter())
-    assert got["http://x/4.jpg"].raw == "raw 4"
-    stamp = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.parquet")}
-    again, loads = _partition([a], out, index)
-    assert again == manifest and loads == 0  # nothing re-read, no index built
-    assert {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.parquet")} == stamp
-
-
-def test_killed_partition_is_not_visible(tmp_path, monkeypatch):
-    import tasks.captions.dreamlip as dreamlip
-
-    a = _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(20)]))
-    index = _index({0: list(range(10)), 1: list(range(10, 20))})
-    out = tmp_path / "parts"
-    real = dreamlip._write_part
-    written = []
-
-    def killed(url, table):
-        if written:
-            raise KeyboardInterrupt  # stands in for SIGKILL after the first part
-        real(url, table)
-        written.append(url)
-
-    monkeypatch.setattr(dreamlip, "_write_part", killed)
-    with pytest.raises(KeyboardInterrupt):
-        _partition([a], str(out), index, write_threads=1)
-    monkeypatch.undo()
-    assert len(list(out.rglob("part-*.parquet"))) == 1
-    assert not list(out.rglob("_SUCCESS.json")) and not list(out.rglob("manifest.json"))
-    manifest, loads = _partition([a], str(out), index)
-    assert loads == 1
-    assert not list(out.rglob("*.tmp-*"))
-    assert len(list(out.rglob("part-*.parquet"))) == 2  # the killed attempt's part was removed
-    got = read_shard_captions(str(out), manifest, 0, {f"http://x/{i}.jpg" for i in range(10)}, counts=Counter())
-    assert len(got) == 10
-
-
-def test_partition_removes_what_can_never_be_read_again(tmp_path):
-    a = _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(20)]))
-    b = _write(tmp_path / "b.csv", _csv_text([_row(i) for i in range(20, 30)]))
-    index = _index({0: list(range(10)), 1: list(range(10, 30))})
-    out = tmp_path / "parts"
-    first, _ = _partition([a, b], str(out), index)
-    old_a, kept_b = (e["tag"] for e in first["csvs"])
-
-    _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(5)]))  # a new version of a.csv
-    second, loads = _partition([a], str(out), index)  # b.csv no longer listed
-    assert loads == 1 and second["index"] == first["index"]
-    new_a = second["csvs"][0]["tag"]
-    tags = {p.name for p in (out / first["index"] / "_csvs").iterdir()}
-    assert tags == {new_a, kept_b}  # the old a.csv's parts go; b.csv's stay (it may be listed again)
-    assert not list(out.rglob(f"part-{old_a}-*")) and list(out.rglob(f"part-{kept_b}-*"))
-    got = read_shard_captions(str(out), second, 0, {f"http://x/{i}.jpg" for i in range(10)}, counts=Counter())
-    assert sorted(got) == sorted(f"http://x/{i}.jpg" for i in range(5))
-    again, loads = _partition([a, b], str(out), index)
-    assert loads == 0  # b.csv's kept parts served it without another pass
-
-    third, _ = _partition([a, b], str(out), index, split="another-split")
-    assert [p.name for p in out.iterdir()] == [third["index"]]  # the old split's index is gone
-
-
-def test_partition_on_memory_filesystem(tmp_path):
-    a = _write(tmp_path / "a.csv", _csv_text([_row(i) for i in range(10)]))
-    manifest, _ = _partition([a], "memory://dreamlip-parts", _index({3: list(range(10))}))
-    got = read_shard_captions("memory://dreamlip-parts", manifest, 3, {"http://x/7.jpg"}, counts=Counter())
-    assert got["http://x/7.jpg"].raw == "raw 7"
+def test_records_up_to_the_cap_are_kept_and_a_field_over_it_is_oversized(tmp_path):
+    long_ok = _row(1)
+    long_ok[7] = "x" * 100_000  # under csv's 128 KiB field default and the 1 MiB record cap
+    over = _row(2)
+    over[7] = "y" * 3000
+    path = _write(tmp_path / "a.csv", _csv_text([_row(0), long_ok, over, _row(3)]))
+    counts = Counter()
+    rows = list(iter_dreamlip_rows(path, counts=counts, max_record_chars=2000))
+    assert [r.url for r in rows] == ["http://x/0.jpg", "http://x/3.jpg"]
+    assert counts == Counter(rows=2, oversized_row=2)
+    counts = Counter()
+    rows = list(iter_dreamlip_rows(path, counts=counts))
+    assert len(rows[1].long["LLA"]) == 100_000 and counts == Counter(rows=4)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import storage.caption_partitions as caption_partitions
 import tasks.captions.stage as captions_mod
-import tasks.captions.dreamlip as dreamlip
 from storage import DatasetLayout, ShardRecord, StageRecords, read_table, write_json, write_table
 from storage.fs import join
 from storage.tables import CAPTIONERS
@@ -114,7 +114,7 @@ def test_captions_stage_joins_each_shard_and_skips_on_rerun(tmp_path, monkeypatc
     def no_reads(*args, **kwargs):
         raise AssertionError("a rerun must read no CSV and build no URL index")
 
-    monkeypatch.setattr(dreamlip, "iter_dreamlip_rows", no_reads)
+    monkeypatch.setattr(captions_mod, "iter_dreamlip_rows", no_reads)
     monkeypatch.setattr(captions_mod, "url_shard_index", no_reads)
     again = run_stage(CaptionsStage(config))
     assert again["last_run"] == {"processed": [], "skipped": ["00000", "00001", "00002"]}
@@ -130,8 +130,8 @@ def test_process_reads_only_its_own_shard(tmp_path, monkeypatch):
             p.unlink()
         (index_root / other).rmdir()
     opened = []
-    real = dreamlip.read_table
-    monkeypatch.setattr(dreamlip, "read_table", lambda url, *a, **k: opened.append(url) or real(url, *a, **k))
+    real = caption_partitions.read_table
+    monkeypatch.setattr(caption_partitions, "read_table", lambda url, *a, **k: opened.append(url) or real(url, *a, **k))
     stage = CaptionsStage(config)
     stage.prepare()
     result = stage.run_shard("00001", force=True)
@@ -143,7 +143,7 @@ def test_process_reads_only_its_own_shard(tmp_path, monkeypatch):
 
 def test_killed_partition_leaves_nothing_readable_and_rerun_finishes(tmp_path, monkeypatch):
     config = _dataset(tmp_path)
-    real_write = dreamlip._write_part
+    real_write = caption_partitions._write_part
     lock, b_parts = threading.Lock(), []
 
     def crash_after_first_part_of_b(url, table):
@@ -154,7 +154,7 @@ def test_killed_partition_leaves_nothing_readable_and_rerun_finishes(tmp_path, m
                 b_parts.append(url)
         real_write(url, table)
 
-    monkeypatch.setattr(dreamlip, "_write_part", crash_after_first_part_of_b)
+    monkeypatch.setattr(caption_partitions, "_write_part", crash_after_first_part_of_b)
     with pytest.raises(KeyboardInterrupt):
         run_stage(CaptionsStage(config))
     monkeypatch.undo()
@@ -168,10 +168,10 @@ def test_killed_partition_leaves_nothing_readable_and_rerun_finishes(tmp_path, m
     # The rerun reads only the unfinished CSV; even if the killed attempt's part stayed
     # on disk it is not read (no extra duplicate_url, no stale rows).
     read_csvs = []
-    real_rows = dreamlip.iter_dreamlip_rows
-    monkeypatch.setattr(dreamlip, "iter_dreamlip_rows",
+    real_rows = captions_mod.iter_dreamlip_rows
+    monkeypatch.setattr(captions_mod, "iter_dreamlip_rows",
                         lambda path, **kw: read_csvs.append(Path(path).name) or real_rows(path, **kw))
-    monkeypatch.setattr(dreamlip, "_remove_parts", lambda root, tag: None)
+    monkeypatch.setattr(caption_partitions, "_remove_parts", lambda root, tag: None)
     summary = run_stage(CaptionsStage(config))
     assert read_csvs == ["b.csv"]
     assert len(list(index_root.glob("*/part-b-*.parquet"))) == 1 + NUM_SHARDS
@@ -192,8 +192,8 @@ def test_csv_change_redoes_only_that_csv(tmp_path, monkeypatch):
     b = Path(config.captions.dreamlip_csvs[1])
     b.write_text(b.read_text().replace("http://elsewhere/x.jpg", "http://elsewhere/yy.jpg"), newline="")
     read_csvs = []
-    real_rows = dreamlip.iter_dreamlip_rows
-    monkeypatch.setattr(dreamlip, "iter_dreamlip_rows",
+    real_rows = captions_mod.iter_dreamlip_rows
+    monkeypatch.setattr(captions_mod, "iter_dreamlip_rows",
                         lambda path, **kw: read_csvs.append(Path(path).name) or real_rows(path, **kw))
     summary = run_stage(CaptionsStage(config))
     assert read_csvs == ["b.csv"]

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from tasks.demo.source import COLOURS, SHAPES, generate_demo_source, serve_directory, write_url_lists
-from tasks.captions.dreamlip import CAPTIONERS, iter_dreamlip_rows
+from storage.tables import CAPTIONERS
+from tasks.captions.dreamlip import iter_dreamlip_rows
 
 BASE = "http://127.0.0.1:9"
 

@@ -126,9 +126,7 @@ def test_dreamlip_csv_with_multiline_quoted_fields_and_bad_rows(tmp_path):
     assert counts == Counter(empty_line=1, missing_column=2, no_url=1)
 
 
-def test_dreamlip_csv_stray_quote_is_bounded_and_resynchronises(tmp_path, monkeypatch):
-    import tasks.download.url_lists as url_lists
-
+def test_dreamlip_csv_stray_quote_is_bounded_and_resynchronises(tmp_path):
     limit = csv.field_size_limit()
     csv.field_size_limit(200)
     try:
@@ -139,9 +137,9 @@ def test_dreamlip_csv_stray_quote_is_bounded_and_resynchronises(tmp_path, monkey
             for i in range(20):
                 f.write(f"http://example.com/{i}.jpg,caption {i},s,l,s,l,s,l\n")
         records, counts = read(path, "dreamlip")
+        assert csv.field_size_limit() == 200  # the reader left the process-wide limit alone
     finally:
         csv.field_size_limit(limit)
-    assert limit >= url_lists.CSV_FIELD_SIZE_LIMIT
     assert counts["malformed_row"] == 1
     assert records[-1].url == "http://example.com/19.jpg"  # later rows survive the broken one
 
@@ -165,3 +163,44 @@ def test_shard_records_splits_in_order():
 def test_unknown_format_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown URL list format"):
         read(tmp_path / "x.tsv", "laion")
+
+
+def test_url_with_a_raw_space_is_a_url_in_every_format(tmp_path):
+    """Issue 13 item 7: kept as listed (the fetcher quotes it, the caption join matches it), never `no_url`."""
+    spaced = "http://example.com/a photo of 2 dogs.jpg"
+    tsv = tmp_path / "cc3m.tsv"
+    tsv.write_text(f"two dogs\t{spaced}\nhttp://example.com/x a caption that starts like a URL\thttp://example.com/x.jpg\n")
+    records, counts = read(tsv, "cc3m")
+    assert [r.url for r in records] == [spaced, "http://example.com/x.jpg"]
+    assert records[1].caption == "http://example.com/x a caption that starts like a URL"
+    assert counts == Counter()
+    yfcc = tmp_path / "yfcc.csv"
+    yfcc.write_text(f"url,caption\n{spaced},dogs\nnot a url,x\n")
+    records, counts = read(yfcc, "yfcc15m")
+    assert [r.url for r in records] == [spaced] and counts == Counter(no_url=1)
+    dreamlip = tmp_path / "dreamlip.csv"
+    with open(dreamlip, "w", newline="") as f:
+        csv.writer(f).writerows([DREAMLIP_HEADER, [f" {spaced} ", "dogs", "s", "l", "s", "l", "s", "l"]])
+    records, counts = read(dreamlip, "dreamlip")
+    assert [r.url for r in records] == [spaced] and counts == Counter()
+
+
+def test_reading_never_changes_the_process_wide_csv_field_limit(tmp_path):
+    """Issue 13 item 6: csv.field_size_limit is global; no reader of ours may raise it for everyone."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "dreamlip.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([DREAMLIP_HEADER, ["http://example.com/a.jpg", "a", "s", "l", "s", "l", "s", "l"]])
+    code = (
+        "import csv, collections\n"
+        "before = csv.field_size_limit()\n"
+        "import tasks.download.url_lists as u, tasks.captions.dreamlip as d\n"
+        f"list(u.read_url_list({str(path)!r}, 'dreamlip', 's', counts=collections.Counter()))\n"
+        f"list(d.iter_dreamlip_rows({str(path)!r}, counts=collections.Counter()))\n"
+        "assert csv.field_size_limit() == before, (before, csv.field_size_limit())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[3]))
+    assert done.returncode == 0, done.stderr

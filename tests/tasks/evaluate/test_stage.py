@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,7 +12,6 @@ from PIL import Image
 
 from tasks.config import EvalDatasetConfig, EvaluateConfig, PipelineConfig
 from tasks.evaluate.data import CLIP_MEAN, CLIP_STD, RetrievalSet, preprocess_image, read_eval_set
-from tasks.evaluate.stage import ImageFeatures, evaluate_retrieval, run_evaluation
 from tasks.evaluate.metrics import (
     chance_recalls,
     classification_accuracy,
@@ -23,6 +21,10 @@ from tasks.evaluate.metrics import (
     t2i_ranks,
     top_k_masks,
 )
+from tasks.evaluate.scoring import ImageFeatures
+from tasks.evaluate.stage import EvaluateStage, evaluate_retrieval
+from tasks.stage import SINGLE_UNIT, run_stage
+from tests.tasks.evaluate.images import write_images
 
 
 def _brute_force_recalls(sims: list[list[float]], text_image: list[int], ks=(1, 5, 10)) -> dict[str, float]:
@@ -138,15 +140,9 @@ class OneHotScorer:
         return (texts * images.global_).sum(-1)
 
 
-def _write_images(directory: Path, names, size=(12, 10)) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(names):
-        Image.new("RGB", size, (20 * i % 255, 100, 200)).save(directory / name)
-
-
 def test_a_perfect_scorer_gets_perfect_recall_in_every_mode(tmp_path):
     names = [f"{i}.jpg" for i in range(6)]
-    _write_images(tmp_path / "img", names)
+    write_images(tmp_path / "img", names)
     captions = {f"caption {i} {j}": i for i in range(6) for j in range(2)}
     data = RetrievalSet("toy", [str(tmp_path / "img" / n) for n in names], list(captions), list(captions.values()))
     config = EvaluateConfig(rerank_top_k=2, image_batch_size=4, score_image_chunk=4, score_text_chunk=5)
@@ -206,7 +202,7 @@ def test_evaluation_uses_the_configured_resize_mode(tmp_path):
 
 
 def test_readers(tmp_path):
-    _write_images(tmp_path / "coco", ["a.jpg", "b.jpg"])
+    write_images(tmp_path / "coco", ["a.jpg", "b.jpg"])
     (tmp_path / "captions_val2017.json").write_text(json.dumps({
         "images": [{"id": 7, "file_name": "a.jpg"}, {"id": 9, "file_name": "b.jpg"}, {"id": 11, "file_name": "c.jpg"}],
         "annotations": [{"image_id": 9, "caption": "b one"}, {"image_id": 7, "caption": "a one"},
@@ -246,8 +242,8 @@ def test_readers(tmp_path):
     assert list(zip(pairs.texts, pairs.text_image)) == [("zero", 0), ("nought", 0), ("one", 1), ("uno", 1)]
     assert pairs.failures == {"bad_line": 2}
 
-    _write_images(tmp_path / "classes/red_car", ["1.jpg", "2.png"])
-    _write_images(tmp_path / "classes/dog", ["x.jpg"])
+    write_images(tmp_path / "classes/red_car", ["1.jpg", "2.png"])
+    write_images(tmp_path / "classes/dog", ["x.jpg"])
     (tmp_path / "classes/dog/notes.txt").write_text("not an image")
     classes = read_eval_set(EvalDatasetConfig(name="c", format="classification", path=str(tmp_path / "classes"),
                                               templates=["a {}.", "the {}."]))
@@ -263,35 +259,13 @@ def test_config_rejects_a_template_without_a_slot_and_coco_without_images():
         EvaluateConfig(datasets=[{"name": "coco", "format": "coco", "path": "/x.json"}])
 
 
-@pytest.fixture(scope="module")
-def debug_checkpoint(tmp_path_factory):
-    """A randomly initialised debug GoldiCLIP saved as a state_dict, its config and a local tokenizer."""
-    from model import GoldiCLIP, build_local_tokenizer, config_for_tokenizer, get_preset
-
-    root = tmp_path_factory.mktemp("eval")
-    names = [f"{i:05d}.jpg" for i in range(12)]
-    _write_images(root / "eval/images", names, size=(40, 30))
-    lines = [{"image": f"images/{n}", "caption": f"a {c} square number {i}"}
-             for i, (n, c) in enumerate(zip(names, ["red", "blue", "green"] * 4))]
-    lines.append({"image": "images/00000.jpg", "caption": "a second caption"})
-    lines.append({"image": "images/missing.jpg", "caption": "an image that is not there"})
-    (root / "eval/pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    run = root / "data/runs/demo/checkpoint_000001"
-    run.mkdir(parents=True)
-    tokenizer = build_local_tokenizer([x["caption"] for x in lines] * 3, run.parent / "tokenizer", vocab_size=128)
-    torch.manual_seed(0)
-    model = GoldiCLIP(config_for_tokenizer(get_preset("debug"), tokenizer))
-    torch.save(model.state_dict(), run / "model.pt")
-    (run / "goldiclip_config.json").write_text(json.dumps(dataclasses.asdict(model.config)))
-    return root, run, model
-
-
 def test_end_to_end_on_a_debug_model(debug_checkpoint):
     from storage import read_json
-    from tasks.evaluate.stage import load_checkpoint
+    from tasks.train.checkpoint import load_scoring_model
 
     root, run, model = debug_checkpoint
-    loaded = load_checkpoint(run / "model.pt")
+    loaded, named_tokenizer = load_scoring_model(str(run / "model.pt"))
+    assert named_tokenizer is None  # a plain state_dict names none: found beside it (find_tokenizer)
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, model.state_dict()[name]), name
 
@@ -300,12 +274,14 @@ def test_end_to_end_on_a_debug_model(debug_checkpoint):
         "evaluate": {"rerank_top_k": 13, "score_image_chunk": 5, "score_text_chunk": 7, "image_batch_size": 5,
                      "datasets": [{"name": "demo_pairs", "format": "jsonl", "path": str(root / "eval/pairs.jsonl")}]},
     })
-    result = run_evaluation(config)
-    assert result["checkpoint"] == str(run)
-    assert read_json(str(root / "data/eval/metrics.json")) == result
-    metrics = result["metrics"]
-    assert result["counts"] == {"demo_pairs/images": 12, "demo_pairs/texts": 13}
-    assert result["failures"] == {"demo_pairs/missing_image": 1}
+    summary = run_stage(EvaluateStage(config))
+    assert summary["checkpoint"] == str(run) and summary["last_run"]["processed"] == [SINGLE_UNIT]
+    written = read_json(str(root / "data/eval/metrics.json"))
+    assert written["metrics"] == summary["metrics"] and written["checkpoint"] == str(run)
+    assert read_json(str(root / "data/_stages/evaluate.json")) == summary
+    metrics = summary["metrics"]
+    assert summary["counts"] == written["counts"] == {"demo_pairs/images": 12, "demo_pairs/texts": 13}
+    assert summary["failures"] == written["failures"] == {"demo_pairs/missing_image": 1}
     assert metrics["demo_pairs/chance/t2i_R@1"] == pytest.approx(1 / 12, abs=1e-6)
     for mode in ("conditioned", "agnostic", "rerank_top13"):
         for metric in ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"):
@@ -316,42 +292,52 @@ def test_end_to_end_on_a_debug_model(debug_checkpoint):
         for k in (1, 5, 10):
             assert metrics[f"demo_pairs/rerank_top13/{direction}_R@{k}"] == pytest.approx(
                 metrics[f"demo_pairs/conditioned/{direction}_R@{k}"])
-    assert run_evaluation(config)["skipped"]  # same config, same checkpoint: nothing to redo
+    again = run_stage(EvaluateStage(config))  # same config, same checkpoint: nothing to redo
+    assert again["last_run"] == {"processed": [], "skipped": [SINGLE_UNIT]} and again["metrics"] == metrics
+    forced = run_stage(EvaluateStage(config), force=True)
+    assert forced["last_run"]["processed"] == [SINGLE_UNIT] and forced["metrics"] == metrics
 
 
-def test_rerank_pairs_equal_the_conditioned_matrix(debug_checkpoint):
-    from tasks.evaluate.stage import GoldiCLIPScorer, conditioned_matrix, load_checkpoint, pair_scores
+def test_a_new_checkpoint_is_evaluated_again(debug_checkpoint, tmp_path):
+    # The checkpoint's files are part of the fingerprint: new weights at the same path are scored anew.
+    import shutil
 
-    _, run, _ = debug_checkpoint
-    from model import load_tokenizer
-
-    scorer = GoldiCLIPScorer(load_checkpoint(run), load_tokenizer(run.parent / "tokenizer"),
-                             device=torch.device("cpu"), dtype=torch.float32)
-    images = scorer.encode_images(torch.randn(5, 3, 32, 32))
-    texts = scorer.encode_texts(["a red square", "a blue one", "green", "red red", "a square"])
-    full = conditioned_matrix(scorer, texts, images, image_chunk=2, text_chunk=3)
-    assert torch.allclose(full, scorer.score(texts, images, "conditioned"), atol=1e-6)
-    pairs = torch.cartesian_prod(torch.arange(5), torch.arange(5))
-    assert torch.allclose(pair_scores(scorer, texts, images, pairs, chunk=4).view(5, 5), full, atol=1e-5)
+    root, run, _ = debug_checkpoint
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(run, checkpoint)
+    shutil.copytree(run.parent / "tokenizer", checkpoint / "tokenizer")
+    config = PipelineConfig.model_validate({
+        "dataset": {"root": str(tmp_path / "data")},
+        "evaluate": {"checkpoint": str(checkpoint), "modes": ["agnostic"],
+                     "datasets": [{"name": "p", "format": "jsonl", "path": str(root / "eval/pairs.jsonl")}]},
+    })
+    assert run_stage(EvaluateStage(config))["last_run"]["processed"] == [SINGLE_UNIT]
+    assert run_stage(EvaluateStage(config))["last_run"]["skipped"] == [SINGLE_UNIT]
+    state = torch.load(checkpoint / "model.pt", weights_only=True)
+    state["pooling.query_proj.weight"] += 1
+    torch.save(state, checkpoint / "model.pt")
+    assert run_stage(EvaluateStage(config))["last_run"]["processed"] == [SINGLE_UNIT]
 
 
 def test_classification_end_to_end(debug_checkpoint, tmp_path):
     _, run, _ = debug_checkpoint
     for name in ("red", "blue", "green"):
-        _write_images(tmp_path / "classes" / name, ["a.jpg", "b.jpg"])
+        write_images(tmp_path / "classes" / name, ["a.jpg", "b.jpg"])
     config = PipelineConfig.model_validate({
         "dataset": {"root": str(tmp_path / "data")},
         "evaluate": {"checkpoint": str(run), "datasets": [
             {"name": "colours", "format": "classification", "path": str(tmp_path / "classes"),
              "templates": ["a {} square.", "a photo of {}."]}]},
     })
-    metrics = run_evaluation(config)["metrics"]
+    metrics = run_stage(EvaluateStage(config))["metrics"]
     assert metrics["colours/chance/top1"] == pytest.approx(1 / 3, abs=1e-6) and metrics["colours/chance/top5"] == 1.0
     assert 0 <= metrics["colours/agnostic/top1"] <= 1 and metrics["colours/agnostic/top5"] == 1.0
 
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_evaluate_flow_publishes_metrics(debug_checkpoint):
+    from prefect.client.orchestration import get_client
+
     from pipelines.cli import print_summaries
     from pipelines.evaluate import evaluate_flow
 
@@ -361,51 +347,14 @@ def test_evaluate_flow_publishes_metrics(debug_checkpoint):
                            "datasets": [{"name": "demo_pairs", "format": "jsonl",
                                          "path": str(root / "eval/pairs.jsonl")}]}}
     summary = evaluate_flow(config)
-    assert summary["last_run"]["processed"] == ["demo_pairs"] and summary["num_shards_done"] == 1
+    assert summary["last_run"]["processed"] == [SINGLE_UNIT] and summary["num_shards_done"] == 1
     assert "demo_pairs/conditioned/t2i_R@1" in summary["metrics"]
     assert "demo_pairs/agnostic/t2i_R@1" not in summary["metrics"]
+    assert summary["counts"] == {"demo_pairs/images": 12, "demo_pairs/texts": 13}
     assert (root / "flow-data/eval/metrics.json").exists()
     print_summaries({"evaluate": summary})
-    assert evaluate_flow(config)["last_run"]["skipped"] == ["demo_pairs"]
-
-
-def test_a_train_stage_checkpoint_loads_with_its_tokenizer(debug_checkpoint, tmp_path):
-    from tasks.evaluate.stage import build_scorer
-    from tasks.train.loop import save_checkpoint
-
-    _, run, model = debug_checkpoint
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    directory = tmp_path / "runs/goldiclip-debug-x/checkpoint_00000005"
-    directory.mkdir(parents=True)
-    save_checkpoint(directory, model=model, optimizer=optimizer, scheduler=scheduler, step=5, data={},
-                    tokenizer=str(run.parent / "tokenizer"))
-    scorer = build_scorer(EvaluateConfig(), directory)
-    assert torch.equal(scorer.model.pooling.query_proj.weight, model.pooling.query_proj.weight)
-    assert scorer.tokenizer.eos_token_id == model.config.text.eos_token_id
-
-
-def test_images_are_normalised_with_the_scorer_s_statistics(tmp_path):
-    # A model trained with its own pixel mean/std (VisionConfig.image_mean/image_std) must be
-    # evaluated with the same; a scorer that names none gets CLIP's.
-    from tasks.evaluate.stage import encode_image_set
-
-    path = tmp_path / "grey.png"
-    Image.new("RGB", (20, 20), (128, 128, 128)).save(path)
-
-    class Recorder:
-        image_size, device = 8, torch.device("cpu")
-
-        def encode_images(self, pixels):
-            self.pixels = pixels
-            return ImageFeatures(pixels.flatten(1)[:, :4], pixels.flatten(2).transpose(1, 2))
-
-    grey = torch.full((3,), 128 / 255)
-    plain = Recorder()
-    encode_image_set(plain, [str(path)], batch_size=4, threads=1)
-    assert torch.allclose(plain.pixels[0, :, 0, 0], (grey - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD))
-    own = Recorder()
-    own.image_mean, own.image_std = (0.9, 0.8, 0.7), (0.1, 0.2, 0.3)
-    encode_image_set(own, [str(path)], batch_size=4, threads=1)
-    expected = (grey - torch.tensor(own.image_mean)) / torch.tensor(own.image_std)
-    assert torch.allclose(own.pixels[0, :, 0, 0], expected, atol=1e-5)
+    with get_client(sync_client=True) as client:
+        task_runs = {t.name for t in client.read_task_runs()}
+        keys = {a.key for a in client.read_artifacts()}
+    assert "evaluate-demo_pairs" in task_runs and "evaluate-metrics" in keys  # one task per set
+    assert evaluate_flow(config)["last_run"]["skipped"] == [SINGLE_UNIT]

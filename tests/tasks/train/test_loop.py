@@ -1,98 +1,65 @@
-"""Training pieces without Ray: AdamW groups, the schedule, checkpoints as data, export round-trip."""
+"""The worker's training step in its named pieces, on one process without Ray (METHOD.md sec. 8)."""
 
 from __future__ import annotations
 
-import math
-
-import pytest
 import torch
-from transformers import CLIPModel
 
 from model import GoldiCLIP
 from model.tokenizer import build_local_tokenizer
 from tasks.config import TrainConfig
-from tasks.evaluate.export import export_checkpoint, load_exported
-from tasks.train.loop import build_optimizer, build_scheduler, load_checkpoint, lr_factor, model_config, save_checkpoint
+from tasks.demo.train_shards import write_train_shards
+from tasks.train.checkpoint import latest_checkpoint
+from tasks.train.data import SampleTransform, TrainSamples, iter_texts
+from tasks.train.loop import (
+    ERROR_REASONS,
+    Worker,
+    backward,
+    forward_and_loss,
+    load_batch,
+    log_metrics,
+    model_config,
+    optimizer_step,
+    read_metrics,
+    update_ema,
+)
+from tasks.train.optim import build_optimizer, build_scheduler
 
-TRAIN = TrainConfig(preset="debug", steps=100, warmup_steps=10, weight_decay=0.3)
 
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    texts = ["a red square on grey", "a blue circle", "what colour is it? red"] * 20
-    return build_local_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=128)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
+def test_a_step_in_named_pieces_trains_and_logs(tmp_path):
+    train = TrainConfig(preset="debug", batch_size_per_worker=4, captions_per_image=2, num_local_views=2,
+                        steps=3, warmup_steps=1, lr=1e-3)
+    urls = write_train_shards(tmp_path / "train", num_shards=2, per_shard=12)
+    tokenizer = build_local_tokenizer(iter_texts(urls), tmp_path / "tokenizer", vocab_size=256)
     torch.manual_seed(0)
-    return GoldiCLIP(model_config(TRAIN, tokenizer))
+    model = GoldiCLIP(model_config(train, tokenizer))
+    optimizer = build_optimizer(model, train, torch.device("cpu"))
+    samples = TrainSamples(urls, SampleTransform.from_config(train, model.config), tokenizer, batch_size=4,
+                           context_length=model.config.text.context_length, num_batches=train.steps,
+                           shuffle_buffer=4)
+    w = Worker(train=train, run_dir=str(tmp_path / "run"), tokenizer="tok", rank=0, world_size=1,
+               device=torch.device("cpu"), model=model, params=[p for p in model.parameters() if p.requires_grad],
+               forward=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, train), loader=iter(samples),
+               step=0, data={"step": 0, "samples_seen": 0, "seed": 0, "errors": dict.fromkeys(ERROR_REASONS, 0),
+                             "samples_read": 0}, rows=[])
+    student = model.pooling.query_proj.weight.detach().clone()
+    teacher = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("teacher.")}
 
+    batch = load_batch(w)
+    assert batch["images"].shape[0] == 4 and w.local_read == 4
+    loss, metrics = forward_and_loss(w, batch)
+    assert loss.ndim == 0 and torch.isfinite(loss) and "loss/ret" in metrics
+    grad_norm = backward(w, loss)
+    assert grad_norm > 0 and model.pooling.query_proj.weight.grad is not None
+    optimizer_step(w)
+    assert not torch.equal(model.pooling.query_proj.weight, student)  # the student moved
+    assert w.scheduler.get_last_lr()[0] == train.lr  # one warm-up step done: the peak
+    update_ema(w)
+    moved = [n for n, p in model.named_parameters() if n.startswith("teacher.") and not torch.equal(p, teacher[n])]
+    assert moved and all(not p.requires_grad for n, p in model.named_parameters() if n.startswith("teacher."))
+    w.step, w.window_steps = 1, 1
 
-def test_no_weight_decay_on_one_dimensional_params_and_scales(model):
-    optimizer = build_optimizer(model, TRAIN, torch.device("cpu"))
-    decay, no_decay = optimizer.param_groups
-    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
-    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
-    no_decay_ids = {id(p) for p in no_decay["params"]}
-    named = dict(model.named_parameters())
-    for name in ("retrieval_loss.log_scale", "retrieval_loss.bias", "weighting.log_vars.ret"):
-        assert id(named[name]) in no_decay_ids
-    assert any(id(p) in no_decay_ids for n, p in named.items() if "layer_norm" in n and n.endswith("weight"))
-    teacher = {id(p) for n, p in model.named_parameters() if n.startswith("teacher.")}
-    assert teacher and not teacher & {id(p) for g in optimizer.param_groups for p in g["params"]}
-    assert betas_and_eps(optimizer) == ((0.9, 0.98), 1e-8)
-
-
-def betas_and_eps(optimizer):
-    return tuple(optimizer.defaults["betas"]), optimizer.defaults["eps"]
-
-
-def test_warmup_then_cosine():
-    factor = [lr_factor(s, warmup_steps=10, total_steps=100, min_ratio=0.0) for s in range(100)]
-    assert factor[0] == pytest.approx(0.1) and factor[9] == pytest.approx(1.0)
-    assert factor[10] == pytest.approx(1.0) and factor[55] == pytest.approx(0.5)
-    assert all(a >= b for a, b in zip(factor[10:], factor[11:]))
-    assert lr_factor(100, warmup_steps=10, total_steps=100, min_ratio=0.1) == pytest.approx(0.1)
-    assert not math.isnan(lr_factor(0, warmup_steps=0, total_steps=1, min_ratio=0.0))
-
-
-def test_checkpoint_is_data_and_restores(tmp_path, model, tokenizer):
-    optimizer = build_optimizer(model, TRAIN, torch.device("cpu"))
-    scheduler = build_scheduler(optimizer, TRAIN)
-    for _ in range(3):
-        optimizer.step()
-        scheduler.step()
-    data = {"step": 3, "samples_seen": 48, "seed": 0, "errors": {"bad_image": 1}, "samples_read": 49}
-    tokenizer.save_pretrained(str(tmp_path / "tok"))
-    path = save_checkpoint(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler, step=3, data=data,
-                           tokenizer=str(tmp_path / "tok"))
-    state = torch.load(path, map_location="cpu", weights_only=True)  # raises on anything but data
-    assert state["step"] == 3 and state["data"] == data
-    assert any(k.startswith("teacher.") for k in state["model"])  # EMA teacher
-    assert any("center" in k for k in state["model"]) and "weighting.log_vars.sd" in state["model"]
-    restored = GoldiCLIP(model.config)
-    restored.load_state_dict(load_checkpoint(path)["model"])
-    fresh_scheduler = build_scheduler(build_optimizer(restored, TRAIN, torch.device("cpu")), TRAIN)
-    fresh_scheduler.load_state_dict(state["scheduler"])
-    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
-    assert (tmp_path / "goldiclip_config.json").exists()
-
-
-def test_export_round_trip(tmp_path, model, tokenizer):
-    optimizer = build_optimizer(model, TRAIN, torch.device("cpu"))
-    tokenizer.save_pretrained(str(tmp_path / "tok"))
-    (tmp_path / "ckpt").mkdir()
-    save_checkpoint(tmp_path / "ckpt", model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, TRAIN), step=0,
-                    data={"step": 0}, tokenizer=str(tmp_path / "tok"))
-    out = export_checkpoint(tmp_path / "ckpt", tmp_path / "export")
-    clip = CLIPModel.from_pretrained(str(out))
-    assert torch.equal(clip.visual_projection.weight, model.vision.visual_projection.weight)
-    assert torch.equal(clip.text_projection.weight, model.text.text_projection.weight)
-    exported = load_exported(out)
-    images = torch.randn(2, 3, model.config.vision.image_size, model.config.vision.image_size)
-    texts = torch.tensor([[tokenizer.bos_token_id, 5, 6, tokenizer.eos_token_id] + [0] * 4] * 3)
-    for mode in ("conditioned", "agnostic"):
-        expected = model.eval().score(texts, images, mode=mode)
-        assert torch.allclose(exported.score(texts, images, mode=mode), expected, atol=1e-5)
-    assert (out / "tokenizer_config.json").exists()
+    row = log_metrics(w, grad_norm, metrics)
+    assert row["step"] == 1 and row["samples_seen"] == 4 and row["loss/total"] == float(loss.detach())
+    assert w.data["samples_read"] == 4 and w.data["step"] == 1 and w.local_read == 0  # counted once
+    assert read_metrics(w.run_dir) == [row]  # rank 0 wrote it
+    assert latest_checkpoint(w.run_dir) is None  # checkpoints come from `save_and_report`, through Ray
