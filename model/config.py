@@ -10,6 +10,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+# CLIP's pixel normalisation (open_clip OPENAI_DATASET_MEAN/STD), per RGB channel in [0, 1]:
+# the default of every model, and what evaluation and the loader fall back to.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -26,8 +31,8 @@ class VisionConfig:
     # Pixel normalisation, (x - mean) / std per RGB channel in [0, 1]: part of the model, so
     # training and evaluation read the same values. CLIP's (the exported towers are CLIP
     # checkpoints); a set far from natural-image statistics may need its own (the demo's).
-    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
 
 
 @dataclass(frozen=True)

@@ -3,17 +3,19 @@
 The evaluate stage (tasks/evaluate/stage.py) does the work and its skip-if-done: a rerun with
 the same config and checkpoint files returns the earlier metrics; ``force=True`` recomputes.
 This flow runs each evaluation set as a task (the UI shows each with its logs) and publishes the
-metrics (``<root>/eval/metrics.json``) as the ``evaluate-metrics`` table artifact.
+metrics (``<root>/eval/metrics.json``) as the ``evaluate-metrics`` table artifact, and the paper's
+tables 1-4 with its 30M numbers beside ours (``<root>/eval/paper_tables.md``) as ``evaluate-paper-tables``.
 """
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.common import resolve_config
 from tasks.config import EvalDatasetConfig, EvaluateConfig, PipelineConfig
+from tasks.evaluate.report import paper_tables
 from tasks.evaluate.stage import EvaluateStage, describe_retrieval, evaluate_one_set, metrics_path
 from tasks.stage import run_stage
 
@@ -62,4 +64,6 @@ def evaluate_flow(
     elif summary["last_run"]["processed"]:
         logger.info("evaluate: checkpoint %s -> %s", summary["checkpoint"], metrics_path(cfg))
     publish_metrics(summary["metrics"])
+    create_markdown_artifact(paper_tables(summary["metrics"], cfg.evaluate.datasets), key="evaluate-paper-tables",
+                             description="evaluate: the paper's tables 1-4, its 30M GoldiCLIP beside ours")
     return summary

@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from storage.tables import CAPTIONERS
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 
 
@@ -137,7 +139,7 @@ class PhrasesConfig(Section):
     )
     fields: list[str] = Field(
         default=["long.LLA"], min_length=1,
-        description="Caption fields to parse: raw, short.<C> or long.<C> with C in IB, SV, LLA.",
+        description=f"Caption fields to parse: raw, short.<C> or long.<C> with C in {', '.join(CAPTIONERS)}.",
     )
     lemmatize: bool = Field(default=True, description="Dedupe phrases by lemma (else by lower-cased text).")
     entities: bool = Field(default=False, description="Also take named entities outside noun chunks (runs NER).")
@@ -153,7 +155,7 @@ class PhrasesConfig(Section):
     @field_validator("fields")
     @classmethod
     def _known_fields(cls, fields: list[str]) -> list[str]:
-        known = {"raw"} | {f"{kind}.{c}" for kind in ("short", "long") for c in ("IB", "SV", "LLA")}
+        known = {"raw"} | {f"{kind}.{c}" for kind in ("short", "long") for c in CAPTIONERS}
         unknown = [f for f in fields if f not in known]
         if unknown:
             raise ValueError(f"unknown caption field(s) {unknown}; choose from {sorted(known)}")
@@ -312,7 +314,7 @@ class VqaConfig(Section):
         description="Served model name (openai backend; {model} of the server command) or the "
         "Hugging Face id / directory (transformers backend).",
     )
-    captioner: Literal["IB", "SV", "LLA"] = Field(default="SV", description="Whose short caption fills the prompt.")
+    captioner: Literal[CAPTIONERS] = Field(default="SV", description="Whose short caption fills the prompt.")
     max_new_tokens: int = Field(default=500, ge=1)
     temperature: float = Field(default=0.0, ge=0)
     structured_output: Literal["response_format", "structured_outputs", "none"] = Field(

@@ -83,8 +83,8 @@ class Stage(ABC):
     # The Prefect task run per shard, verb_noun (``download_shard``, ``detect_boxes``), so the
     # UI and the logs say what ran.
     task_name: str
-    # Bump when a change to this stage's code changes what it writes: its shards are redone,
-    # and the stages downstream with them wherever the output bytes changed.
+    # Bump (from 1) when a change to this stage's code changes what it writes: its shards are
+    # redone, and the stages downstream with them wherever the output bytes changed.
     code_version: ClassVar[int] = 1
     # Stages whose outputs this stage reads (their records feed its fingerprint and checks).
     upstream: tuple[str, ...] = ()
@@ -177,14 +177,17 @@ class Stage(ABC):
         return out
 
     def fingerprint(self, shard: str) -> str:
-        return fingerprint(self.name, self.code_version, self.section.fingerprint_payload(),
-                           self.upstream_fingerprint(shard), self.extra_fingerprint())
+        parts = (self.name, self.section.fingerprint_payload(), self.upstream_fingerprint(shard),
+                 self.extra_fingerprint())
+        # The code version enters once bumped past 1: a stage with no upstream (download) keeps
+        # the fingerprints of shards finished before code versions existed, and is not redone.
+        return fingerprint(*parts) if self.code_version == 1 else fingerprint(*parts, self.code_version)
 
     def input_damaged(self, file: InputFile, problem: str) -> InputDamaged:
         """Invalidate the upstream shard that wrote ``file`` (its stage redoes it next run); the error to raise."""
         path = self.layout.relative(file.url)
         StageRecords(self.layout, file.stage).invalidate(
-            file.shard, f"{path}: {problem} (found by {self.name} shard reading it)")
+            file.shard, f"{path}: {problem} (found by the {self.name} stage)")
         return InputDamaged(
             f"{path} ({file.stage} shard {file.shard}) is damaged: {problem}; {file.stage} shard {file.shard} "
             f"is marked to be redone: rerun {file.stage}, then {self.name}"

@@ -83,19 +83,25 @@ class WorkerPool:
     def _release(self, slot: cf.ProcessPoolExecutor | None) -> None:
         if self.closed and slot is not None:
             slot.shutdown(wait=True)
-        else:
-            self._idle.put(slot)
+            slot = None
+        self._idle.put(slot)
 
     def shutdown(self) -> None:
-        """Stop the workers: idle ones now, busy ones when their call returns; no call may start after."""
+        """Stop the workers: idle ones now, busy ones when their call returns.
+
+        A call made after this still runs, on a process started for it and stopped after.
+        """
         self.closed = True
-        for _ in range(self.size):
+        idle = []
+        while True:
             try:
-                slot = self._idle.get_nowait()
+                idle.append(self._idle.get_nowait())
             except queue.Empty:
-                return
+                break
+        for slot in idle:
             if slot is not None:
                 slot.shutdown(wait=True)
+            self._idle.put(None)
 
 
 _lock = threading.Lock()

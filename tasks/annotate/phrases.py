@@ -43,8 +43,7 @@ from tasks.config import ConfigError, PhrasesConfig
 from tasks.stage import ShardOutcome, Stage
 from tasks.worker_pool import WorkerPool, shared_pool
 
-# What noun_chunks needs: POS (tagger + attribute_ruler) and dependencies (parser).
-NOUN_CHUNK_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler", "parser")
+# noun_chunks needs POS (tagger + attribute_ruler) and dependencies (parser); these are the rest.
 OPTIONAL_COMPONENTS = ("lemmatizer", "ner", "senter")
 # DreamLIP long captions are a few hundred words; a far longer one is broken data
 # (and spaCy refuses texts over nlp.max_length).

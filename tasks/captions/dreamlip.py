@@ -80,6 +80,7 @@ class _Unusable(Exception):
     """The record being read passed a bound (`oversized`) or could not be parsed."""
 
     def __init__(self, oversized: bool):
+        super().__init__("oversized record" if oversized else "unparseable record")
         self.oversized = oversized
 
 

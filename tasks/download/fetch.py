@@ -112,25 +112,6 @@ def _static_url_problem(url: str | URL, allow_private: bool) -> str | None:
     return None
 
 
-def check_url_allowed(url: str, allow_private: bool) -> str | None:
-    """Why ``url`` may not be fetched (a reason code), or None; resolves the host (blocking).
-
-    The fetch path does not call this: it applies the same rule without blocking,
-    through ``GuardedResolver``, on the very addresses it connects to.
-    """
-    problem = _static_url_problem(url, allow_private)
-    if problem is not None or allow_private:
-        return problem
-    parsed = URL(url)
-    try:
-        infos = socket.getaddrinfo(parsed.raw_host, parsed.port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        return "dns_error"
-    if not all(_address_allowed(info[4][0]) for info in infos):
-        return "private_address"
-    return None
-
-
 class BlockedAddressError(OSError):
     """A host name resolved to an address the private-address rule forbids."""
 

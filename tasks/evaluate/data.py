@@ -29,12 +29,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.config import CLIP_MEAN, CLIP_STD
 from storage import join, open_fs, read_bytes
 from tasks.config import EvalDatasetConfig
 
-# CLIP's normalisation (open_clip OPENAI_DATASET_MEAN/STD), which the towers were trained with.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("center_crop", "squash")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FOLDER_TEMPLATES = ("a photo of a {}.",)  # class folders name no dataset, so no dataset templates
@@ -178,8 +176,12 @@ def read_class_folders(config: EvalDatasetConfig) -> ClassificationSet:
 READERS = {"coco": read_coco, "flickr30k": read_karpathy, "jsonl": read_jsonl, "classification": read_class_folders}
 
 
-def read_eval_set(config: EvalDatasetConfig) -> RetrievalSet | ClassificationSet:
-    return READERS[config.format](config)
+def read_eval_set(config: EvalDatasetConfig):
+    """The set of `config.format`: a RetrievalSet or ClassificationSet, or a question-retrieval or
+    segmentation set of the paper's suite (tasks/evaluate/sets/)."""
+    from tasks.evaluate.sets import SUITE_READERS  # imported here: the suite's readers import this module
+
+    return {**READERS, **SUITE_READERS}[config.format](config)
 
 
 def preprocess_image(data: bytes, image_size: int, mean: Sequence[float] = CLIP_MEAN,
@@ -208,11 +210,12 @@ def preprocess_image(data: bytes, image_size: int, mean: Sequence[float] = CLIP_
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, S, S)
 
 
-def load_image(path: str, image_size: int, mean: Sequence[float] = CLIP_MEAN,
+def load_image(source: str | bytes, image_size: int, mean: Sequence[float] = CLIP_MEAN,
                std: Sequence[float] = CLIP_STD, resize_mode: str = "center_crop") -> torch.Tensor | str:
-    """The preprocessed image, or the reason it could not be read."""
+    """The preprocessed image, from a path or from encoded bytes held in memory (CIFAR's), or the
+    reason it could not be read."""
     try:
-        data = read_bytes(path)
+        data = source if isinstance(source, bytes) else read_bytes(source)
     except (FileNotFoundError, IsADirectoryError):
         return "missing_image"
     try:

@@ -53,6 +53,9 @@ class Scorer(Protocol):
     def score_pairs(self, texts: torch.Tensor, images: ImageFeatures) -> torch.Tensor:
         """(M,) conditioned similarity of text m with image m."""
 
+    def patch_embeddings(self, images: ImageFeatures) -> torch.Tensor:
+        """(I, P, D) each patch in the text space, for zero-shot segmentation (tasks/evaluate/sets/segmentation.py)."""
+
 
 class GoldiCLIPScorer:
     """A GoldiCLIP and its tokenizer behind the `Scorer` interface, autocast on the device."""
@@ -96,6 +99,16 @@ class GoldiCLIPScorer:
         with self._autocast():
             pooled = self.model.pooling(texts[:, None], images.patches, self.attention_sink)[:, 0]  # (M, D)
         return (F.normalize(pooled.float(), dim=-1) * F.normalize(texts.float(), dim=-1)).sum(-1)  # (M,)
+
+
+    @torch.no_grad()
+    def patch_embeddings(self, images: ImageFeatures) -> torch.Tensor:
+        """Each patch pooled alone by the text-conditioned pooling without the attention sink (FLAIR's
+        `visualize_patchwise_sim`, paper sec. 4.6): one key takes all the attention whatever the text,
+        so the pooled patch is out_proj(W_v LN_v(p)) for every text. (I, P, D)."""
+        pooling = self.model.pooling
+        with self._autocast():
+            return pooling.out_proj(pooling.value_proj(pooling.norm_value(images.patches))).float()
 
 
 def build_scorer(config: EvaluateConfig, checkpoint: str) -> GoldiCLIPScorer:

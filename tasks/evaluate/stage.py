@@ -22,10 +22,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from storage import DatasetLayout, exists, join, read_json, write_json
+from storage import DatasetLayout, atomic_write_bytes, exists, join, read_json, write_json
 from tasks.config import EvalDatasetConfig, EvaluateConfig, PipelineConfig
 from tasks.evaluate.data import ClassificationSet, RetrievalSet, read_eval_set
 from tasks.evaluate.metrics import chance_recalls, classification_accuracy, retrieval_recalls
+from tasks.evaluate.report import paper_tables
 from tasks.evaluate.scoring import (
     ImageFeatures,
     Scorer,
@@ -35,6 +36,8 @@ from tasks.evaluate.scoring import (
     encode_text_set,
     rerank_recalls,
 )
+from tasks.evaluate.sets.segmentation import SegmentationSet, evaluate_segmentation
+from tasks.evaluate.sets.vqa_retrieval import QuestionRetrievalSet, evaluate_question_retrieval
 from tasks.stage import SINGLE_UNIT, ShardOutcome, Stage
 from tasks.train.checkpoint import checkpoint_identity, latest_checkpoint, newest_checkpoint, runs_dir
 from tasks.train.data import train_shard_urls
@@ -90,11 +93,19 @@ def evaluate_one_set(scorer: Scorer, dataset: EvalDatasetConfig, config: Evaluat
     data = read_eval_set(dataset)
     if isinstance(data, ClassificationSet):
         return evaluate_classification(scorer, data, config)
+    if isinstance(data, QuestionRetrievalSet):
+        return evaluate_question_retrieval(scorer, data, config)
+    if isinstance(data, SegmentationSet):
+        return evaluate_segmentation(scorer, data, config)
     return evaluate_retrieval(scorer, data, config)
 
 
 def metrics_path(config: PipelineConfig) -> str:
     return join(config.dataset.root, "eval", "metrics.json")
+
+
+def paper_tables_path(config: PipelineConfig) -> str:
+    return join(config.dataset.root, "eval", "paper_tables.md")
 
 
 def resolve_checkpoint(config: PipelineConfig) -> str:
@@ -144,7 +155,7 @@ class EvaluateStage(Stage):
         return self._checkpoint_identity
 
     def output_files(self, shard: str) -> dict[str, str]:
-        return {"metrics": metrics_path(self.config)}
+        return {"metrics": metrics_path(self.config), "paper_tables": paper_tables_path(self.config)}
 
     def process(self, shard: str) -> ShardOutcome:
         scorer = build_scorer(self.section, self.checkpoint)
@@ -158,6 +169,7 @@ class EvaluateStage(Stage):
             "checkpoint": self.checkpoint, "fingerprint": self.fingerprint(shard),
             "metrics": {name: round(value, 6) for name, value in metrics.items()},
             "counts": dict(counts), "failures": dict(failures)})
+        atomic_write_bytes(paper_tables_path(self.config), paper_tables(metrics, self.section.datasets).encode())
         return ShardOutcome(counts, failures)
 
     def summary_extra(self) -> dict:

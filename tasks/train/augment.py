@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-# CLIP's normalisation, the default; a model's own is `VisionConfig.image_mean/image_std` (eval uses the same).
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+# CLIP's normalisation is the default; a model's own is `VisionConfig.image_mean/image_std` (eval uses the same).
+from model.config import CLIP_MEAN, CLIP_STD
 
 Box = tuple[float, float, float, float]
 
@@ -129,8 +128,8 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def to_tensor(image: Image.Image, mean: Sequence[float] = IMAGE_MEAN,
-              std: Sequence[float] = IMAGE_STD) -> torch.Tensor:
+def to_tensor(image: Image.Image, mean: Sequence[float] = CLIP_MEAN,
+              std: Sequence[float] = CLIP_STD) -> torch.Tensor:
     """RGB PIL image -> normalised float (3, H, W): (x - mean) / std per channel, x in [0, 1]."""
     pixels = to_pixels(image).float().div_(255)  # (3, H, W)
     return pixels.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
@@ -157,8 +156,8 @@ def dino_view(image: Image.Image, recipe: ViewRecipe, rng: random.Random) -> tor
     return to_pixels(view)
 
 
-def eval_view(image: Image.Image, size: int, mean: Sequence[float] = IMAGE_MEAN,
-              std: Sequence[float] = IMAGE_STD) -> torch.Tensor:
+def eval_view(image: Image.Image, size: int, mean: Sequence[float] = CLIP_MEAN,
+              std: Sequence[float] = CLIP_STD) -> torch.Tensor:
     """Evaluation view: resize the short side to `size`, centre crop, normalise (CLIP's)."""
     width, height = image.size
     scale = size / min(width, height)
@@ -168,5 +167,5 @@ def eval_view(image: Image.Image, size: int, mean: Sequence[float] = IMAGE_MEAN,
     return to_tensor(resized.crop((left, top, left + size, top + size)), mean, std)
 
 
-__all__ = ["IMAGE_MEAN", "IMAGE_STD", "ViewRecipe", "color_jitter", "crop_and_resize", "dino_recipes", "dino_view",
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ViewRecipe", "color_jitter", "crop_and_resize", "dino_recipes", "dino_view",
            "eval_view", "map_box", "random_resized_crop_box", "to_pixels", "to_tensor"]

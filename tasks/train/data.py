@@ -53,7 +53,6 @@ from tasks.config import TrainConfig
 # With static shapes, decoder sequences are padded to a multiple of this: a few shapes in a run,
 # so a few compiled graphs.
 DECODER_LENGTH_MULTIPLE = 16
-CAPTION_FIELDS = ("raw", "short.IB", "short.SV", "short.LLA", "long.IB", "long.SV", "long.LLA")
 _SENTENCE_SPLIT = re.compile(r"\n|</s>|\.")
 
 

@@ -2,7 +2,7 @@
 
 Item 1: a finished images tar cut short (its record left as it was) is named by the
 stage that reads it, its download shard is redone on the next run, and ``goldiclip
-verify`` reports it. Item 8: a forced stage whose output changed reaches the training
+verify`` reports it (and a same-size corruption, which ``--mark`` has redone). Item 8: a forced stage whose output changed reaches the training
 shards; one that rewrote the same bytes does not.
 """
 
@@ -111,6 +111,16 @@ def test_a_cut_images_tar_is_named_redone_and_reported_by_verify(tmp_path, sourc
     other = Path(layout.images_tar("00002"))
     other.write_bytes(other.read_bytes()[:1000])
     assert _processed(goldiclip_pipeline(str(config), stages=["download"])) == {"download": ["00002"]}
+
+    # A same-size corruption: no stat sees it; verify reads it, and --mark has the stage redo it.
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    assert _processed(goldiclip_pipeline(str(config), stages=["download"])) == {"download": []}
+    found = _verify(config, "--stages", "download", "--mark")
+    assert found.returncode == 1 and "DAMAGED download shard 00001: images/00001.tar: checksum crc32:" in found.stdout
+    assert _processed(goldiclip_pipeline(str(config), stages=["download"])) == {"download": ["00001"]}
+    assert _verify(config).returncode == 0
 
 
 @pytest.mark.usefixtures("prefect_harness")

@@ -9,3 +9,8 @@ fsspec URL, and evaluating them:
     segmentation     VOC20, Cityscapes, Context59, ADE20K, COCO-Stuff, mIoU       paper sec. 4.6, table 3
     classification   the paper's 10 zero-shot classification datasets            paper sec. 4.7, table 4
 """
+
+from tasks.evaluate.sets import classification, retrieval_sets, segmentation, vqa_retrieval
+
+SUITE_READERS = {**retrieval_sets.READERS, "rvqa": vqa_retrieval.read_rvqa,
+                 **{fmt: segmentation.read_segmentation for fmt in segmentation.BENCHMARKS}, **classification.READERS}

@@ -199,3 +199,22 @@ def test_csv_change_redoes_only_that_csv(tmp_path, monkeypatch):
     assert read_csvs == ["b.csv"]
     assert summary["last_run"]["processed"] == ["00000", "00001", "00002"]  # new index fingerprint
     _check_outputs(config, summary)
+
+
+def test_partition_pass_is_recorded_like_a_shard(tmp_path):
+    """The pass over the CSVs follows the stage contract as one unit: fingerprinted, counted, timed."""
+    config = _dataset(tmp_path)
+    stage = CaptionsStage(config)
+    summary = run_stage(stage)
+    records = StageRecords(DatasetLayout(config.dataset.root), captions_mod.PARTITION_STAGE)
+    record = records.get(captions_mod.PARTITION_UNIT)
+    assert record.done and record.counts == summary["csv_counts"] and record.seconds > 0
+    assert record.fingerprint == stage.partition_fingerprint == stage.extra_fingerprint()
+    # New caption rows change the pass's fingerprint, and with it every captions shard's.
+    b = Path(config.captions.dreamlip_csvs[1])
+    with b.open("a", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerow(_row("http://img/0/0.jpg", " again"))
+    again = CaptionsStage(config)
+    again.prepare()
+    assert again.partition_fingerprint != record.fingerprint
+    assert again.pending() == ["00000", "00001", "00002"]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
 
 from tasks.config import DownloadConfig
 from tasks.demo.http_server import image_bytes

@@ -1,4 +1,4 @@
-"""The download stage's worker processes: a worker killed mid-shard (the OOM killer) costs only its shard."""
+"""The download stage: a worker killed mid-shard (the OOM killer) costs only its shard; per-URL accounting."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import signal
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
 
 from storage import DatasetLayout, read_table
-from tasks.config import PipelineConfig
+from tasks.config import ConfigError, DownloadConfig, PipelineConfig, load_config
 from tasks.demo.http_server import LoopbackServer, Reply, image_bytes
 from tasks.download.stage import DownloadStage
 from tasks.stage import run_stage
@@ -43,15 +46,18 @@ def _config(tmp_path: Path, server: LoopbackServer) -> PipelineConfig:
     image = image_bytes(320, 240)
     paths = [f"/{s}/{i}.jpg" for s in range(NUM_SHARDS) for i in range(SHARD_SIZE)]
     paths[1] = "/hang.jpg"  # in shard 0: the worker is killed while it waits here
-    for p in paths:
+    paths[4] = "/throttled.jpg"  # in shard 1: a 429 asking for a 1 s wait, then the image
+    paths[7] = "/missing.jpg"  # in shard 2: never routed, a 404
+    for p in paths[:7] + paths[8:]:
         server.route(p, Reply(body=image))
     server.route("/hang.jpg", Reply(body=image, delay_s=120))
+    server.route("/throttled.jpg", Reply(body=image, fail_first=1, fail_status=429, fail_headers={"Retry-After": "1"}))
     urls = tmp_path / "urls.tsv"
     urls.write_text("".join(f"caption {i}\t{server.url(p)}\n" for i, p in enumerate(paths)))
     return PipelineConfig.model_validate({
         "dataset": {"root": str(tmp_path / "root")},
         "sources": [{"name": "t", "format": "cc3m", "paths": [str(urls)]}],
-        "download": {"shard_size": SHARD_SIZE, "processes": 1, "concurrency": 2, "retries": 0,
+        "download": {"shard_size": SHARD_SIZE, "processes": 1, "concurrency": 2, "retries": 1,
                      "timeout_s": 150, "allow_private_addresses": True},
     })
 
@@ -81,9 +87,34 @@ def test_killed_worker_costs_only_its_shard_which_is_retried(tmp_path):
     assert "error" not in outcome, repr(outcome.get("error"))
     summary = outcome["summary"]
     assert summary["last_run"]["processed"] == [f"{s:05d}" for s in range(NUM_SHARDS)]
-    assert summary["counts"]["ok"] == SHARD_SIZE * NUM_SHARDS and summary["failures"] == {}
-    assert summary["shards"]["00000"]["counts"]["worker_died"] == 1  # accounted where it happened
-    assert "worker_died" not in summary["shards"]["00001"]["counts"]
+    assert summary["counts"]["ok"] == SHARD_SIZE * NUM_SHARDS - 1 and summary["failures"] == {"http_404": 1}
+    shards = {s: summary["shards"][s]["counts"] for s in ("00000", "00001", "00002")}
+    assert shards["00000"]["worker_died"] == 1  # accounted where it happened
+    assert "worker_died" not in shards["00001"] and "worker_died" not in shards["00002"]
+    assert shards["00001"]["retry_after"] == 1 and "retry_after" not in shards["00000"]
     assert server.hits["/hang.jpg"] == 2
+    # The per-URL table keeps the status, the reason and the number of requests of each URL.
     layout = DatasetLayout(config.dataset.root)
-    assert [r["status"] for r in read_table(layout.images_table(0)).to_pylist()] == ["ok"] * SHARD_SIZE
+    rows = {urlsplit(r["url"]).path: r for s in range(NUM_SHARDS)
+            for r in read_table(layout.images_table(s)).to_pylist()}
+    assert [rows[p]["status"] for p in ("/0/0.jpg", "/hang.jpg", "/0/2.jpg")] == ["ok"] * 3
+    assert (rows["/hang.jpg"]["attempts"], rows["/throttled.jpg"]["attempts"]) == (1, 2)
+    missing = rows["/missing.jpg"]
+    assert (missing["status"], missing["error"], missing["http_status"], missing["attempts"]) == (
+        "failed", "http_404", 404, 1)
+
+
+def test_memory_and_retry_settings_come_from_the_config_file():
+    """Issue 13 items 3 and 5: the pixel cap, decode threads and the Retry-After cap are configuration."""
+    assert DownloadConfig().max_pixels <= 89_478_485  # Pillow's own cap, or smaller
+    config = load_config(preset="demo", overrides={"download.max_pixels": 1_000_000, "download.decode_threads": 1,
+                                                   "download.max_retry_after_s": 5})
+    assert (config.download.max_pixels, config.download.decode_threads, config.download.max_retry_after_s) == (
+        1_000_000, 1, 5)
+    for key, bad in [("max_pixels", 0), ("max_pixels", 10**9), ("decode_threads", 0), ("max_retry_after_s", -1)]:
+        with pytest.raises(ConfigError, match=f"download.{key}"):
+            load_config(preset="demo", overrides={f"download.{key}": bad})
+    # Tuning the threads redoes nothing; the cap decides which images are kept, so it does.
+    base = DownloadConfig().fingerprint_payload()
+    assert DownloadConfig(decode_threads=7).fingerprint_payload() == base
+    assert DownloadConfig(max_pixels=1000).fingerprint_payload() != base
