@@ -184,6 +184,17 @@ def read_eval_set(config: EvalDatasetConfig):
     return {**READERS, **SUITE_READERS}[config.format](config)
 
 
+def center_crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top) exactly as open_clip's eval transform,
+    torchvision's ``Resize(size)`` + ``CenterCrop(size)``, computes them: the long side is
+    ``int(size * long / short)`` (truncated) and the offsets are ``int(round((side - size) / 2))``
+    (Python's round, halves to even), so our pixels equal open_clip's and scores compare with the paper's."""
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
+    return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+
+
 def preprocess_image(data: bytes, image_size: int, mean: Sequence[float] = CLIP_MEAN,
                      std: Sequence[float] = CLIP_STD, resize_mode: str = "center_crop") -> torch.Tensor:
     """JPEG/PNG bytes -> (3, S, S) float, then (x - mean) / std: the model's normalisation
@@ -199,11 +210,8 @@ def preprocess_image(data: bytes, image_size: int, mean: Sequence[float] = CLIP_
         if resize_mode == "squash":
             img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
         else:
-            width, height = img.size
-            scale = image_size / min(width, height)
-            new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
+            new_w, new_h, left, top = center_crop_geometry(*img.size, image_size)
             img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-            left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
             img = img.crop((left, top, left + image_size, top + image_size))
         pixels = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
     pixels = (pixels - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)

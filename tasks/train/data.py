@@ -47,6 +47,7 @@ from model.config import GoldiCLIPConfig
 from model.tasks import IGNORE_INDEX, build_decoder_batch
 from model.tokenizer import tokenize
 from storage.fs import open_fs
+from storage.tables import CAPTIONERS
 from tasks.train.augment import crop_and_resize, dino_recipes, dino_view, map_box, random_resized_crop_box, to_pixels
 from tasks.config import TrainConfig
 
@@ -60,11 +61,17 @@ _SENTENCE_SPLIT = re.compile(r"\n|</s>|\.")
 
 
 def caption_fields(captions: dict) -> dict[str, str]:
-    """The seven DreamLIP fields of a sample's `captions` record, by name (missing ones left out)."""
+    """The seven DreamLIP fields of a sample's `captions` record, by name (missing ones left out).
+
+    In FLAIR's order: raw, then each captioner's short and long caption in turn (IB, SV, LLA),
+    so a window of consecutive sentences that crosses a field pairs one captioner's short
+    caption with its own long one, as in FLAIR's loader.
+    """
     out = {"raw": captions.get("raw") or ""}
-    for kind in ("short", "long"):
-        for captioner, text in (captions.get(kind) or {}).items():
-            out[f"{kind}.{captioner}"] = text or ""
+    short, long = captions.get("short") or {}, captions.get("long") or {}
+    for captioner in CAPTIONERS:
+        out[f"short.{captioner}"] = short.get(captioner) or ""
+        out[f"long.{captioner}"] = long.get(captioner) or ""
     return {name: text for name, text in out.items() if text.strip()}
 
 

@@ -358,3 +358,18 @@ def test_evaluate_flow_publishes_metrics(debug_checkpoint):
         keys = {a.key for a in client.read_artifacts()}
     assert "evaluate-demo_pairs" in task_runs and "evaluate-metrics" in keys  # one task per set
     assert evaluate_flow(config)["last_run"]["skipped"] == [SINGLE_UNIT]
+
+
+@pytest.mark.parametrize(("size", "expected"), [
+    # torchvision Resize(224) + CenterCrop(224), worked by hand: long side int(224 * long / short),
+    # offsets int(round(...)) with halves to even.
+    ((300, 199), (337, 224, 56, 0)),  # 337.69 is truncated (rounding gave 338, offset 57)
+    ((199, 300), (224, 337, 0, 56)),
+    ((251, 224), (251, 224, 14, 0)),  # (251 - 224) / 2 = 13.5 rounds to 14 (floor division gave 13)
+    ((253, 224), (253, 224, 14, 0)),  # 14.5 rounds to 14, the even neighbour
+    ((224, 224), (224, 224, 0, 0)),
+])
+def test_center_crop_geometry_is_open_clips(size, expected):
+    from tasks.evaluate.data import center_crop_geometry
+
+    assert center_crop_geometry(*size, 224) == expected

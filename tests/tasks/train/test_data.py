@@ -20,6 +20,7 @@ from tasks.train.data import (
     DECODER_LENGTH_MULTIPLE,
     SampleTransform,
     TrainSamples,
+    caption_fields,
     decoder_annotation,
     diverse_captions,
     iter_texts,
@@ -202,3 +203,13 @@ def test_training_and_evaluation_normalise_pixels_with_the_model_s_statistics(tm
     assert torch.allclose(pixels, expected[:, None, None].expand_as(pixels), atol=1e-5)
     # A float input is taken as already normalised: evaluation's pixels pass through unchanged.
     assert torch.equal(vision.normalize(pixels[None]), pixels[None])
+
+
+def test_caption_fields_in_flair_order():
+    """raw, then each captioner's short and long in turn, so a window crossing fields pairs one captioner's."""
+    captions = {"raw": "r", "short": {"LLA": "s3", "IB": "s1", "SV": "s2"},
+                "long": {"SV": "l2", "IB": "l1", "LLA": "l3"}}
+    assert list(caption_fields(captions).items()) == [
+        ("raw", "r"), ("short.IB", "s1"), ("long.IB", "l1"), ("short.SV", "s2"), ("long.SV", "l2"),
+        ("short.LLA", "s3"), ("long.LLA", "l3")]
+    assert list(caption_fields({"short": {"SV": "s2"}, "long": {"SV": " "}})) == ["short.SV"]
