@@ -275,9 +275,13 @@ def index_dir(out_url: str, manifest: dict) -> str:
     return join(out_url, manifest["index"])
 
 
+def manifest_url(out_url: str, index: str) -> str:
+    return join(out_url, index, "manifest.json")
+
+
 def read_manifest(out_url: str, index: str) -> dict | None:
     """The manifest of partition `index`, or None when no pass over its CSVs finished."""
-    return read_json(join(out_url, index, "manifest.json"))
+    return read_json(manifest_url(out_url, index))
 
 
 def partition_by_shard(
@@ -287,7 +291,6 @@ def partition_by_shard(
     load_url_index: Callable[[], UrlShardIndex],
     read_rows: RowReader,
     *,
-    fingerprint: str,
     captioners: Sequence[str] = CAPTIONERS,
     flush_bytes: int = 1 << 30,
     chunk_rows: int = CHUNK_ROWS,
@@ -295,10 +298,9 @@ def partition_by_shard(
 ) -> dict:
     """Write every CSV row whose URL is in an image shard into that shard's parts; one pass per CSV.
 
-    `index` names the partition (`partition_index`). Returns the manifest (written last):
-    `index`, `captioners`, `csvs` (each CSV's `_SUCCESS` content, in the given order),
-    total `counts`, and `fingerprint`, the caller's name for this pass (so a reader can
-    tell whether the manifest it finds is the one a record of that pass vouches for). A CSV whose `_SUCCESS.json` matches its current size and ETag/mtime is
+    `index` names the partition (`partition_index`). Returns the manifest (written last,
+    at `manifest_url`): `index`, `captioners`, `csvs` (each CSV's `_SUCCESS` content, in
+    the given order) and total `counts`. A CSV whose `_SUCCESS.json` matches its current size and ETag/mtime is
     not read again, and `load_url_index` is called only when some CSV needs reading. A
     killed CSV is redone under a new attempt id; parts of the killed attempt (deleted here,
     best effort) and temporary files are never read. Memory: the URL index plus
@@ -332,8 +334,8 @@ def partition_by_shard(
     for e in entries:
         total.update(e["counts"])
     manifest = {"index": index, "version": INDEX_VERSION, "captioners": list(captioners), "csvs": entries,
-                "counts": dict(total), "fingerprint": fingerprint}
-    write_json(join(root, "manifest.json"), manifest)
+                "counts": dict(total)}
+    write_json(manifest_url(out_url, index), manifest)
     removed = remove_stale_partitions(out_url, manifest)
     if removed:
         log.info("captions: removed partitions no manifest can read again: %s", removed)

@@ -44,7 +44,8 @@ def _rows_by_key(layout: DatasetLayout, kind: str, shard: str) -> dict[str, dict
 
 def draw_samples(layout: DatasetLayout, stage: str, num_samples: int, seed: int = 0) -> list[GallerySample]:
     """``num_samples`` images of ``stage``'s finished shards, the same ones for the same seed and shards."""
-    shards = sorted(r.shard for r in StageRecords(layout, stage).all() if r.done)
+    # Only shards whose images are there (a stage such as vqa reads captions, not the tars).
+    shards = sorted(r.shard for r in StageRecords(layout, stage).all() if r.done and exists(layout.images_tar(r.shard)))
     if not shards or num_samples <= 0:
         return []
     rng = random.Random(seed)

@@ -15,11 +15,12 @@ read of each shard's own rows.
 
 The partition pass follows the stage contract as one unit of its own: its
 fingerprint (the download split, the reader's columns, each CSV's size and
-ETag/mtime) and counts are recorded in ``_stages/captions_partition/00000.json``
-after the pass, so a rerun with the same CSVs reads none of them (and builds no
-index); a changed or killed pass reads again only the CSVs whose finished part in
-the format does not match their current content. Its fingerprint is part of every
-captions shard's, so new caption rows redo the shards.
+ETag/mtime), counts, seconds and output (the manifest, with its size and checksum)
+are recorded in ``_stages/captions_partition/00000.json`` after the pass, so a rerun
+with the same CSVs reads none of them (and builds no index); a changed or killed
+pass reads again only the CSVs whose finished part in the format does not match
+their current content. Its fingerprint is part of every captions shard's, so new
+caption rows redo the shards.
 
 Counts: per shard ``images`` (downloaded ok), ``captioned``, ``duplicate_url``
 (later CSV rows of a URL; the first in CSV order wins) and ``url_hash_collision``
@@ -38,11 +39,13 @@ from storage import ShardRecord, StageRecords, read_json, read_table, write_tabl
 from storage.caption_partitions import (
     UrlShardIndex,
     file_stamp,
+    manifest_url,
     partition_by_shard,
     partition_index,
     read_manifest,
     read_shard_captions,
 )
+from storage.integrity import file_digest
 from storage.fs import join
 from storage.layout import DatasetLayout
 from storage.tables import CAPTIONERS
@@ -104,22 +107,24 @@ class CaptionsStage(Stage):
         index = partition_index(split["fingerprint"], columns.required(), columns.captioners)
         records = StageRecords(self.layout, PARTITION_STAGE)
         self.partition_fingerprint = fingerprint(PARTITION_STAGE, index, [(c, file_stamp(c)) for c in csvs])
-        manifest = read_manifest(self.index_prefix, index)
-        # The record says a pass with this fingerprint finished; the manifest's own
-        # fingerprint says the manifest on storage is that pass's (not a later one's).
-        done = records.is_done(PARTITION_UNIT, self.partition_fingerprint)
-        if not (done and manifest and manifest["fingerprint"] == self.partition_fingerprint):
-            start = time.perf_counter()
-            manifest = partition_by_shard(
-                csvs, self.index_prefix, index,
-                lambda: url_shard_index(self.layout, split["num_shards"]),
-                lambda path, counts: iter_dreamlip_rows(path, counts=counts, columns=columns),
-                fingerprint=self.partition_fingerprint, captioners=columns.captioners,
-                flush_bytes=self.section.flush_bytes,
-            )
-            seconds = round(time.perf_counter() - start, 3)
-            records.put(ShardRecord(PARTITION_UNIT, self.partition_fingerprint, manifest["counts"], {}, seconds))
-        self.partition = manifest
+        record = records.get(PARTITION_UNIT)
+        # Done: a pass with this fingerprint finished, and the manifest on storage is the one
+        # it wrote (its checksum: a later pass over other CSVs rewrites the same file).
+        if records.is_done(PARTITION_UNIT, self.partition_fingerprint) and not records.output_problems(record):
+            self.partition = read_manifest(self.index_prefix, index)
+            return
+        start = time.perf_counter()
+        self.partition = partition_by_shard(
+            csvs, self.index_prefix, index,
+            lambda: url_shard_index(self.layout, split["num_shards"]),
+            lambda path, counts: iter_dreamlip_rows(path, counts=counts, columns=columns),
+            captioners=columns.captioners, flush_bytes=self.section.flush_bytes,
+        )
+        seconds = round(time.perf_counter() - start, 3)
+        manifest = manifest_url(self.index_prefix, index)
+        outputs = {"manifest": {"path": self.layout.relative(manifest), **file_digest(manifest).as_dict()}}
+        records.put(ShardRecord(PARTITION_UNIT, self.partition_fingerprint, self.partition["counts"], {}, seconds,
+                                outputs=outputs))
 
     def extra_fingerprint(self):
         return self.partition_fingerprint

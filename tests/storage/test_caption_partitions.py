@@ -50,7 +50,7 @@ def _partition(csvs, out, index, split="split-fp", **kw):
         return index
 
     name = partition_index(split, DEFAULT_COLUMNS.required(), CAPTIONERS)
-    manifest = partition_by_shard(csvs, out, name, load, read_rows, fingerprint=f"pass-{split}", **kw)
+    manifest = partition_by_shard(csvs, out, name, load, read_rows, **kw)
     return manifest, len(calls)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+from pathlib import Path
 
 from PIL import Image
 
@@ -50,3 +51,10 @@ def test_gallery_is_seeded_draws_boxes_and_is_stored(tmp_path, owl_dir):
 
 def test_no_finished_shard_no_gallery(tmp_path):
     assert write_gallery(DatasetLayout(str(tmp_path / "empty")), "boxes") is None
+
+
+def test_shards_without_their_images_are_left_out(tmp_path, owl_dir):
+    layout = _boxed_root(tmp_path, owl_dir)
+    fs_path = layout.images_tar("00001")
+    Path(fs_path).unlink()
+    assert {s.key[:5] for s in draw_samples(layout, "boxes", 6)} <= {"00000", "00002"}

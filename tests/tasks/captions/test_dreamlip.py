@@ -1,6 +1,7 @@
 """The DreamLIP CSV reader: streaming, bad rows counted (malformed, oversized), the URL join."""
 from __future__ import annotations
 
+import csv
 from collections import Counter
 
 import pytest
@@ -83,13 +84,15 @@ def test_join_keeps_only_wanted_urls_across_files(tmp_path):
 @pytest.mark.parametrize("column", [1, 7])  # the raw caption, the last (LLaVA long) caption
 def test_a_single_line_over_the_record_cap_is_an_oversized_row(tmp_path, column):
     """Issue 13 item 6: the cap holds for one long line whatever csv's process-wide field limit is."""
-    import tasks.download.url_lists  # noqa: F401  (it once raised csv's limit to 16 MiB on import)
-
     huge = _row(1)
     huge[column] = "a very long caption " * 60_000  # 1.2 M characters on one line
     path = _write(tmp_path / "a.csv", _csv_text([_row(0), huge, _row(2)]))
     counts = Counter()
-    rows = list(iter_dreamlip_rows(path, counts=counts))
+    limit = csv.field_size_limit(16 * 2**20)  # as a module imported first once set it for everyone
+    try:
+        rows = list(iter_dreamlip_rows(path, counts=counts))
+    finally:
+        csv.field_size_limit(limit)
     assert [r.url for r in rows] == ["http://x/0.jpg", "http://x/2.jpg"]
     assert counts == Counter(rows=2, oversized_row=1)
 

@@ -210,6 +210,12 @@ def test_partition_pass_is_recorded_like_a_shard(tmp_path):
     record = records.get(captions_mod.PARTITION_UNIT)
     assert record.done and record.counts == summary["csv_counts"] and record.seconds > 0
     assert record.fingerprint == stage.partition_fingerprint == stage.extra_fingerprint()
+    # The record vouches for the manifest by its checksum: one that changed is written again.
+    manifest = Path(config.dataset.root, record.outputs["manifest"]["path"])
+    written = manifest.read_text()
+    manifest.write_text(written.replace('"version"', '"versio_"'))
+    CaptionsStage(config).prepare()
+    assert manifest.read_text() == written and not records.output_problems(records.get(captions_mod.PARTITION_UNIT))
     # New caption rows change the pass's fingerprint, and with it every captions shard's.
     b = Path(config.captions.dreamlip_csvs[1])
     with b.open("a", newline="") as f:
