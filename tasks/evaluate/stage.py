@@ -40,8 +40,7 @@ from tasks.evaluate.sets.segmentation import SegmentationSet, evaluate_segmentat
 from tasks.evaluate.sets.vqa_retrieval import QuestionRetrievalSet, evaluate_question_retrieval
 from tasks.stage import SINGLE_UNIT, ShardOutcome, Stage
 from tasks.train.checkpoint import checkpoint_identity, latest_checkpoint, newest_checkpoint, runs_dir
-from tasks.train.data import train_shard_urls
-from tasks.train.stage import run_name
+from tasks.train.stage import planned_run
 
 SetResult = tuple[dict[str, float], dict[str, int], Counter]  # metrics, counts, failures of one set
 
@@ -116,8 +115,7 @@ def resolve_checkpoint(config: PipelineConfig) -> str:
             raise ValueError(f"evaluate.checkpoint {config.evaluate.checkpoint} does not exist")
         return config.evaluate.checkpoint
     runs = runs_dir(config.dataset.root)
-    shard_urls = train_shard_urls(DatasetLayout(config.dataset.root).train_dir)
-    if shard_urls and (found := latest_checkpoint(join(runs, run_name(config, shard_urls)))):
+    if (run := planned_run(config)) and (found := latest_checkpoint(join(runs, run))):
         return found
     return newest_checkpoint(runs)
 

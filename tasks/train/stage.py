@@ -46,11 +46,19 @@ from tasks.train.report import plot_files, write_plots
 POLL_SECONDS = 2.0
 
 
-def run_name(config: PipelineConfig, shard_urls: list[str]) -> str:
-    """Deterministic from what decides the trained weights: same config and shards, same run."""
-    shards = [u.rsplit("/", 1)[-1] for u in shard_urls]
+def run_name(config: PipelineConfig, inputs: dict) -> str:
+    """Deterministic from what decides the trained weights: the training config and the shards it
+    reads (``Stage.upstream_fingerprint``: each tar's size and checksum as the shards stage recorded
+    them), so rewritten shards with other bytes start a new run and identical ones resume this one."""
     slug = re.sub(r"[^a-z0-9]+", "", config.train.preset.lower())
-    return f"goldiclip-{slug}-{fingerprint('train', config.train.fingerprint_payload(), shards)}"
+    return f"goldiclip-{slug}-{fingerprint('train', config.train.fingerprint_payload(), inputs)}"
+
+
+def planned_run(config: PipelineConfig) -> str | None:
+    """The run the train stage would train or resume now (None: no training shards yet)."""
+    stage = TrainStage(config)
+    stage.shard_urls = train_shard_urls(stage.layout.train_dir)
+    return run_name(config, stage.upstream_fingerprint(SINGLE_UNIT)) if stage.shard_urls else None
 
 
 def prepare_tokenizer(config: PipelineConfig, shard_urls: list[str]) -> str:
@@ -142,6 +150,10 @@ class TrainStage(Stage):
 
     name = "train"
     task_name = "train_model"
+    upstream = ("shards",)
+    # The loader streams the tars epoch after epoch and counts an unreadable one (`bad_tar`); a
+    # checksum pass before training would read every tar once more, so only sizes are checked.
+    checked_while_reading = frozenset({("shards", "tar")})
 
     def __init__(self, config: PipelineConfig, *, on_metrics: Callable[[dict], None] | None = None,
                  on_step: StepHook | None = None):
@@ -169,10 +181,14 @@ class TrainStage(Stage):
         if not self.shard_urls:
             raise ValueError(f"no training shards in {self.layout.train_dir}: run the shards stage first")
         self.tokenizer = prepare_tokenizer(self.config, self.shard_urls)
-        self.run = run_name(self.config, self.shard_urls)
+        self.run = run_name(self.config, self.upstream_fingerprint(SINGLE_UNIT))
 
     def list_shards(self) -> list[str]:
         return [SINGLE_UNIT]
+
+    def input_shards(self, shard: str) -> dict[str, list[str]]:
+        """Every training tar (the shards stage's outputs), for the fingerprint and the size checks."""
+        return {"shards": [url.rsplit("/", 1)[-1].removesuffix(".tar") for url in self.shard_urls]}
 
     def extra_fingerprint(self) -> str:
         return self.run  # which shards it trains on

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from storage import join, open_fs, read_json
+from storage import DatasetLayout, join, open_fs, read_json
 from storage.fs import atomic_write_bytes, exists
 from tasks.config import ConfigError, PipelineConfig
 from tasks.demo.train_shards import write_train_shards
@@ -15,7 +15,7 @@ from tasks.stage import SINGLE_UNIT, run_stage
 from tasks.train.checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, save_checkpoint
 from tasks.train.loop import METRICS_FILE
 from tasks.train.optim import build_optimizer, build_scheduler
-from tasks.train.stage import TrainStage, run_name
+from tasks.train.stage import TrainStage, planned_run, run_name
 
 
 def _config(root, **train) -> PipelineConfig:
@@ -43,10 +43,12 @@ def test_a_finished_run_is_counted_skipped_and_redone_when_forced(tmp_path, mode
     config = _config(root)
     stage = TrainStage(config)
     stage.prepare()
-    assert stage.run == run_name(config, stage.shard_urls) and stage.run_dir == str(root / "runs" / stage.run)
+    inputs = stage.upstream_fingerprint(SINGLE_UNIT)
+    assert stage.run == run_name(config, inputs) == planned_run(config)
+    assert stage.run_dir == str(root / "runs" / stage.run)
     assert stage.tokenizer == str(root / "tokenizer") and exists(join(stage.tokenizer, "tokenizer.json"))
-    assert run_name(_config(root, lr=1e-2), stage.shard_urls) != stage.run  # what is trained names the run
-    assert run_name(_config(root, log_every=7), stage.shard_urls) == stage.run  # how fast or verbose: same run
+    assert run_name(_config(root, lr=1e-2), inputs) != stage.run  # what is trained names the run
+    assert run_name(_config(root, log_every=7), inputs) == stage.run  # how fast or verbose: same run
 
     # The run reached train.steps earlier but its record is gone: the stage counts it, trains nothing.
     optimizer = build_optimizer(model, config.train, torch.device("cpu"))
@@ -87,3 +89,29 @@ def test_a_finished_run_is_counted_skipped_and_redone_when_forced(tmp_path, mode
     assert stage.records.get(SINGLE_UNIT) is None and not exists(stage.run_dir) and stage.resume_step() == 0
     with pytest.raises(AssertionError, match="must not start Ray"):
         stage.run_shard(SINGLE_UNIT, force=True)
+
+
+def test_rewritten_shards_name_a_new_run_identical_ones_the_same(tmp_path):
+    """The run follows the bytes of the training shards, as the shards stage recorded them (#13 item 8)."""
+    from storage import ShardRecord, StageRecords
+    from storage.integrity import file_digest
+
+    root = tmp_path / "data"
+    urls = write_train_shards(root / "train", num_shards=2, per_shard=4)
+    config = _config(root)
+    records = StageRecords(DatasetLayout(str(root)), "shards")
+
+    def record_shards():
+        for url in urls:
+            shard = url.rsplit("/", 1)[-1].removesuffix(".tar")
+            records.put(ShardRecord(shard, "fp", outputs={"tar": {"path": f"train/{shard}.tar",
+                                                                   **file_digest(url).as_dict()}}))
+
+    record_shards()
+    first = planned_run(config)
+    write_train_shards(root / "train", num_shards=2, per_shard=4)  # the same samples, the same bytes
+    record_shards()
+    assert planned_run(config) == first
+    write_train_shards(root / "train", num_shards=2, per_shard=5)  # other samples
+    record_shards()
+    assert planned_run(config) != first
