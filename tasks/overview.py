@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from storage import DatasetLayout, StageRecords, join, open_fs, read_json
 from tasks.config import PipelineConfig
+from tasks.progress import format_duration
 
 STAGE_ORDER = ("download", "captions", "phrases", "boxes", "vqa", "shards", "train", "evaluate")
 # Stages with one output shard per image shard: their total is the download's.
@@ -140,14 +141,6 @@ def pipeline_overview(config: PipelineConfig) -> list[StageStatus]:
     rows.append(_data_stage(layout, "shards", shards_total, units["shards"]))
     rows += [_train(layout, config), _evaluate(layout)]
     return rows
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes, s = divmod(int(round(seconds)), 60)
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def overview_table(rows: list[StageStatus]) -> list[dict]:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from tasks.config_reference import BEGIN, END, config_reference
+from tasks.config.reference import BEGIN, END, config_reference
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -11,6 +11,6 @@ def test_readme_config_reference_is_current():
     text = README.read_text()
     start, end = text.index(BEGIN), text.index(END) + len(END)
     assert text[start:end] == config_reference(), (
-        "README.md's configuration reference is stale: run `python -m tasks.config_reference` "
+        "README.md's configuration reference is stale: run `python -m tasks.config.reference` "
         "and paste its output between the config-reference markers"
     )
