@@ -84,6 +84,9 @@ class DistillConfig:
     center_momentum: float = 0.9
     ema_momentum: float = 0.996
     ema_cosine_steps: int = 0  # > 0: cosine schedule of the EMA momentum to 1 over this many steps
+    # DINO's freeze_last_layer (1 epoch): the prototype layers stay fixed for this many steps;
+    # ~1 epoch of the 30M set at 6,400 images per step.
+    freeze_last_layer_steps: int = 4700
 
 
 @dataclass(frozen=True)

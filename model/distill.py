@@ -8,6 +8,11 @@
   P_t = softmax((z_t - c) / tau_t) on the G global views, log P_s = log_softmax(z_s / tau_s)
   on all V = G + L views, L = mean over images and pairs (g, v != g) of CE(P_t(g), P_s(v));
   centers c <- 0.9 c + 0.1 mean(z_t), all-reduced.
+- `distillation_health`: per branch, the teacher's mean entropy as a fraction of ln P, KL(P_t || P_s)
+  and the center's norm; uniform collapse shows as entropy -> 1 (L_sd -> ln P, KL -> 0),
+  one-prototype collapse as entropy -> 0.
+- `DINOHead.prototypes` is DINO's `last_layer`: `GoldiCLIP.drop_frozen_gradients` leaves it
+  untouched for the first `freeze_last_layer_steps` steps (DINO's `freeze_last_layer`).
 
 The prototype layer is the big one (65,536 outputs for every view): with
 `MemoryConfig.head_chunk_size` set, the student's cross-entropy runs in chunks of images under
@@ -130,6 +135,20 @@ class DistillationLoss(nn.Module):
         per_image = in_image_chunks(partial(_cross_entropy, weight=weight, student_temp=self.config.student_temp),
                                     self.chunk_size, student_embed, teacher_probs)  # (B,)
         return per_image.sum() / (num_images * num_pairs)
+
+
+@torch.no_grad()
+def distillation_health(*, teacher_probs: torch.Tensor, loss: torch.Tensor, center: torch.Tensor
+                        ) -> dict[str, torch.Tensor]:
+    """Collapse diagnostics of one branch (METHOD.md sec. 4), detached scalars.
+
+    teacher_probs (B, G, P), loss: the branch's L_sd (mean CE over the (g, v != g) pairs), center (1, P).
+    Every teacher view meets the same number of student views, so the mean KL over pairs is the
+    mean CE minus the teacher's mean entropy.
+    """
+    entropy = -torch.special.xlogy(teacher_probs, teacher_probs).sum(-1).mean()
+    return {"teacher_entropy_frac": entropy / math.log(teacher_probs.shape[-1]), "kl": loss.detach() - entropy,
+            "center_norm": center.norm()}
 
 
 def ema_momentum(config: DistillConfig, step: torch.Tensor) -> torch.Tensor:

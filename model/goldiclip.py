@@ -25,7 +25,9 @@ checkpointing of the towers and the decoder, the pooling and the DINO heads in c
 
 `forward` returns (total loss, metrics): detached scalar tensors named `loss/<name>`,
 `log_var/<name>`, `weight/<name>` (see `weighting.py`) plus the retrieval and distillation
-parts, the logit scale and bias. After `optimizer.step()`, call `update_teacher()`.
+parts, the logit scale and bias, and the distillation health per branch (`sd_ta/teacher_entropy_frac`,
+`sd_ta/kl`, `sd_ta/center_norm`, the same for `sd_tc`). Around each optimiser step: before it
+`drop_frozen_gradients(step)`, after it `clamp_parameters()` and `update_teacher()`.
 
 Evaluation: `encode_image`, `encode_text`, and `score`/`score_features`, which return a
 (num_texts, num_images) matrix of cosine similarities, text-conditioned (FLAIR: cos(pool(t,
@@ -42,7 +44,7 @@ from torch import nn
 
 from .config import GoldiCLIPConfig
 from .decoder import IGNORE_INDEX, MultiTaskDecoder, token_nll
-from .distill import DINOHead, DistillationLoss, EMATeacher, ema_momentum
+from .distill import DINOHead, DistillationLoss, EMATeacher, distillation_health, ema_momentum
 from .memory import in_image_chunks
 from .pooling import TextConditionedPooling
 from .retrieval import (SigmoidRetrievalLoss, gather_no_grad, gather_with_grad, pooled_cosine, sample_caption_index,
@@ -149,9 +151,9 @@ class GoldiCLIP(nn.Module):
                 task_losses, present = self.absent_decoder_losses(images.device)
             losses.update(task_losses)
         if self.config.distill.enabled:
-            distill = self.distillation_losses(batch, queries, caption_ids, caption_index)
+            distill, health = self.distillation_losses(batch, queries, caption_ids, caption_index)
             losses["sd"] = distill["sd_ta"] + distill["sd_tc"]
-            extra.update({f"loss/{name}": value.detach() for name, value in distill.items()})
+            extra.update({f"loss/{name}": value.detach() for name, value in distill.items()} | health)
 
         total, metrics = self.weighting(losses, present)
         return total, metrics | extra
@@ -181,8 +183,9 @@ class GoldiCLIP(nn.Module):
         return {name: touch for name in TASKS}, {name: absent for name in TASKS}
 
     def distillation_losses(self, batch: dict[str, torch.Tensor], queries: torch.Tensor, caption_ids: torch.Tensor,
-                            caption_index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """L_sd per branch: the student sees G global + L local views, the teacher the G global.
+                            caption_index: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """L_sd per branch (`sd_ta`, `sd_tc`): the student sees G global + L local views, the teacher
+        the G global; and each branch's collapse diagnostics (`sd_<branch>/<name>`, `distillation_health`).
 
         queries (B*K, D): the student's pooling queries of every text of the global batch.
         """
@@ -195,7 +198,7 @@ class GoldiCLIP(nn.Module):
             teacher_ta, teacher_tc = self._view_features(teacher["vision"], teacher["pooling"], (global_views,),
                                                          teacher["pooling"].project_texts(teacher_texts),
                                                          caption_index)  # (b, G, D) each
-        losses = {}
+        losses, health = {}, {}
         for branch, student_features, teacher_features in (("ta", student_ta, teacher_ta),
                                                            ("tc", student_tc, teacher_tc)):
             head, teacher_head, loss = self.distill_heads[branch], teacher["heads"][branch], self.distill_losses[branch]
@@ -205,7 +208,9 @@ class GoldiCLIP(nn.Module):
                                                    step=self.distill_step)  # (b, G, P)
             losses[f"sd_{branch}"] = loss(student_embed=head.embed(student_features), weight=head.prototype_weight(),
                                           teacher_probs=teacher_probs)
-        return losses
+            health |= {f"sd_{branch}/{name}": value for name, value in distillation_health(
+                teacher_probs=teacher_probs, loss=losses[f"sd_{branch}"], center=loss.center).items()}
+        return losses, health
 
     def _view_features(self, vision: VisionTower, pooling: TextConditionedPooling,
                        view_groups: tuple[torch.Tensor, ...], queries: torch.Tensor,
@@ -240,6 +245,23 @@ class GoldiCLIP(nn.Module):
     def reset_teacher(self) -> None:
         """Teacher := a fresh copy of the student (at init, and after loading weights)."""
         self.teacher = EMATeacher(self.distilled_student())
+
+    # ---- around the optimiser step ----------------------------------------------------------
+
+    def drop_frozen_gradients(self, step: int) -> None:
+        """Before `optimizer.step()`: for the first `distill.freeze_last_layer_steps` steps the DINO
+        heads' prototype layers get no update at all (gradients set to None, so AdamW's weight decay
+        skips them too), DINO's `cancel_gradients_last_layer`: early on, the prototypes would chase
+        the still-random bottleneck features."""
+        if not self.config.distill.enabled or step >= self.config.distill.freeze_last_layer_steps:
+            return
+        for head in self.distill_heads.values():
+            head.prototypes.grad = None
+
+    def clamp_parameters(self) -> None:
+        """After `optimizer.step()`: parameters that live in a range go back into it (the log logit
+        scale into [0, ln 100], METHOD.md sec. 3)."""
+        self.retrieval_loss.clamp_parameters()
 
     @torch.no_grad()
     def update_teacher(self) -> None:

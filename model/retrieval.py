@@ -1,6 +1,6 @@
 """FLAIR's sigmoid retrieval loss L_ret (paper eq. 2; METHOD.md sec. 3).
 
-    logit(x, t) = s * cos(x, t) + b,  s = exp(log_scale) with log_scale clamped to [0, ln 100]
+    logit(x, t) = s * cos(x, t) + b,  s = exp(log_scale), log_scale kept in [0, ln 100]
     L_tc = -sum_{i, c in S_i} log sigmoid(y_ic logit(v_tc[i, c], t_c)) / (B + K - 1)
     L_ta = -sum_{i, j}        log sigmoid(y_ij logit(v_g[i], t_j))      / (B * K)
     L_ret = (L_tc + L_ta) / 2
@@ -12,6 +12,11 @@ and each process scores its own images against every text, so texts of other ran
 negative-only terms. Each process returns world_size x its share of the global sums, so the
 mean over processes (what DDP's gradient averaging optimises) is exactly the single-process
 loss on the concatenated batch.
+
+The log-scale is clamped to [0, ln 100] as a parameter after each optimiser step
+(`clamp_parameters`, as FLAIR's and open_clip's train loops do), never in the forward: a clamp
+in the forward has zero gradient past the bound, so a log-scale that stepped past it could
+never come back.
 """
 
 import torch
@@ -105,7 +110,12 @@ class SigmoidRetrievalLoss(nn.Module):
         self.bias = nn.Parameter(torch.tensor(config.init_bias))
 
     def scale(self) -> torch.Tensor:
-        return self.log_scale.clamp(0.0, self.max_log_scale).exp()
+        return self.log_scale.exp()
+
+    @torch.no_grad()
+    def clamp_parameters(self) -> None:
+        """Log-scale back into [0, ln 100]; call after each optimiser step."""
+        self.log_scale.clamp_(0.0, self.max_log_scale)
 
     def forward(self, *, image_global: torch.Tensor, conditioned_cosine: torch.Tensor, texts: torch.Tensor,
                 caption_index: torch.Tensor, num_captions: int, image_offset: int = 0,

@@ -1,10 +1,15 @@
 """Uncertainty weighting of the six losses (Kendall et al. 2018; paper eq. 10; METHOD.md sec. 6).
 
-    L = sum_i 0.5 * exp(-s_i) * w_i * L_i + 0.5 * s_i,   s_i = log sigma_i^2 learned, init 0
+    L = sum_i w_i * (0.5 * exp(-s_i) * L_i + 0.5 * s_i),   s_i = log sigma_i^2 learned, init 0
 
-with static w_i = 1 except w_cap = 2. At the optimum of s_i, exp(s_i) = w_i L_i. A task
-absent from a batch (no VQA pairs, decoder off) contributes no term at all: leave it out of
-`losses`, or pass `present[name]` = False (a tensor, so the step needs no host sync).
+with static w_i = 1 except w_cap = 2. The static weight multiplies the whole term: at the
+optimum of s_i, exp(s_i) = L_i and the effective weight is w_i / (2 L_i), so w_cap = 2 keeps
+the caption loss at twice the weight for good. Inside the exponential term alone
+(0.5 exp(-s_i) w_i L_i + 0.5 s_i) it would cancel once s_i settles: exp(s_i) = w_i L_i and an
+effective weight 1 / (2 L_i) whatever w_i.
+
+A task absent from a batch (no VQA pairs, decoder off) contributes no term at all: leave it out
+of `losses`, or pass `present[name]` = False (a tensor, so the step needs no host sync).
 `uniform=True` is the paper's ablation: L = sum_i L_i.
 """
 
@@ -38,7 +43,8 @@ class UncertaintyWeighting(nn.Module):
             if self.uniform:
                 weight, regulariser = torch.ones_like(s), torch.zeros_like(s)
             else:
-                weight, regulariser = 0.5 * torch.exp(-s) * self.static_weights[name], 0.5 * s
+                static = self.static_weights[name]
+                weight, regulariser = static * 0.5 * torch.exp(-s), static * 0.5 * s
             term = weight * loss + regulariser
             if name in present:
                 term = torch.where(present[name], term, torch.zeros_like(term))

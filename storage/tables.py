@@ -21,6 +21,8 @@ _f32 = pa.float32()
 
 URLS = pa.schema([("index", _i32), ("url", _str), ("caption", _str), ("source", _str)])
 
+# img2dataset's column names where they mean the same (url, key, caption, status, error_message,
+# width, height, original_width, original_height, sha256), so its consumers read the table.
 DOWNLOADS = pa.schema(
     [
         ("key", _str),  # empty for URLs that failed
@@ -28,11 +30,11 @@ DOWNLOADS = pa.schema(
         ("url", _str),
         ("source", _str),
         ("caption", _str),
-        ("status", _str),  # "ok" | "failed"
-        ("error", _str),  # stable reason code, null when ok
+        ("status", _str),  # img2dataset's: "success" | "failed_to_download" | "failed_to_resize"
+        ("error_message", _str),  # our stable reason code (README, "Download failure reasons"), null on success
         ("http_status", _i32),
-        ("orig_width", _i32),
-        ("orig_height", _i32),
+        ("original_width", _i32),
+        ("original_height", _i32),
         ("width", _i32),
         ("height", _i32),
         ("bytes_downloaded", pa.int64()),

@@ -180,7 +180,8 @@ class TrainingShardsStage(Stage):
         tables: dict[str, dict[str, dict]] = {kind: {} for kind in ANNOTATIONS}
         ok_keys: list[str] = []
         for s in out.inputs:
-            ok_keys += [k for k, r in self._table("downloads", s, ["key", "status"]).items() if r["status"] == "ok"]
+            downloads = self._table("downloads", s, ["key", "status"])
+            ok_keys += [k for k, r in downloads.items() if r["status"] == "success"]
             tables["captions"].update(self._table("captions", s, ["key", "raw", "short", "long"]))
             tables["phrases"].update(self._table("phrases", s, ["key", "phrases"]))
             tables["boxes"].update(self._table("boxes", s, ["key", "boxes", "has_confident_box"]))

@@ -134,7 +134,7 @@ class CaptionsStage(Stage):
 
     def process(self, shard: str) -> ShardOutcome:
         images = read_table(self.layout.images_table(shard), columns=["key", "url", "status"]).to_pylist()
-        ok = [r for r in images if r["status"] == "ok"]
+        ok = [r for r in images if r["status"] == "success"]
         counts: Counter = Counter(images=len(ok))
         # Every URL of the shard (failed downloads too) decides what a collision is.
         found = read_shard_captions(

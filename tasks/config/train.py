@@ -39,7 +39,7 @@ class TrainConfig(Section):
 
     NOT_IN_FINGERPRINT = frozenset({
         "use_gpu", "resources_per_worker", "loader_workers", "prefetch_factor", "checkpoint_every",
-        "num_to_keep", "max_failures", "log_every", "compile", "memory",
+        "num_to_keep", "max_failures", "log_every", "compile", "memory", "report_every_s", "progress_every_s",
     })
 
     preset: str = Field(default="B/16", description="Model preset (model/config.py PRESETS: debug, B/16).")
@@ -84,6 +84,12 @@ class TrainConfig(Section):
     num_to_keep: int = Field(default=3, ge=1, description="Checkpoints kept (the latest ones).")
     max_failures: int = Field(default=3, ge=0, description="Worker-group restarts from the last checkpoint.")
     log_every: int = Field(default=50, ge=1, description="Steps between metric rows (logs, progress, plots).")
+    report_every_s: float = Field(
+        default=600.0, ge=0, description="Seconds between live versions of the `train-report` artifact (curves "
+        "inline) while training runs; 0: at every metric row.")
+    progress_every_s: float = Field(
+        default=120.0, ge=0, description="Output not a terminal: seconds between training progress log lines "
+        "(step, loss, images/s, time left), or 10% of the steps; a terminal gets one per metric row.")
     seed: int = 0
     memory: TrainMemoryConfig = Field(default_factory=TrainMemoryConfig)
 

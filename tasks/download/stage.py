@@ -70,8 +70,22 @@ def split_sources(config: PipelineConfig) -> dict:
     return manifest
 
 
+# Reasons that are about the image rather than the transfer: img2dataset's "failed_to_resize".
+IMAGE_REASONS = frozenset({"not_an_image", "decode_error", "image_too_small", "too_many_pixels"})
+
+
+def img2dataset_status(status: str, error: str | None) -> str:
+    if status == "ok":
+        return "success"
+    return "failed_to_resize" if error in IMAGE_REASONS else "failed_to_download"
+
+
 def download_shard(root: str, shard: str, cfg: DownloadConfig) -> tuple[dict, dict]:
-    """Fetch one URL shard and write its tar and table. Runs inside a worker process."""
+    """Fetch one URL shard and write its tar and table. Runs inside a worker process.
+
+    The tar holds ``<key>.jpg``, ``<key>.txt`` (the source caption) and ``<key>.json`` as
+    img2dataset writes them, so open_clip's webdataset loader reads image-text pairs from it.
+    """
     layout = DatasetLayout(root)
     urls = read_table(layout.url_shard(shard)).to_pylist()
     results = fetch_shard([u["url"] for u in urls], cfg)
@@ -80,46 +94,35 @@ def download_shard(root: str, shard: str, cfg: DownloadConfig) -> tuple[dict, di
     rows = []
     with ShardWriter(layout.images_tar(shard)) as tar:
         for u, res in zip(urls, results, strict=True):
-            key = None
-            if res.status == "ok":
-                key = make_key(shard, u["index"])
-                meta = {
-                    "key": key,
-                    "url": u["url"],
-                    "source": u["source"],
-                    "caption": u["caption"],
-                    "width": res.width,
-                    "height": res.height,
-                    "orig_width": res.orig_width,
-                    "orig_height": res.orig_height,
-                    "sha256": res.sha256,
-                }
-                tar.write(key, {"jpg": res.jpeg, "json": meta})
+            key = make_key(shard, u["index"]) if res.status == "ok" else None
+            row = {
+                "key": key,
+                "index": u["index"],
+                "url": u["url"],
+                "source": u["source"],
+                "caption": u["caption"],
+                "status": img2dataset_status(res.status, res.error),
+                "error_message": res.error,
+                "http_status": res.http_status,
+                "original_width": res.orig_width,
+                "original_height": res.orig_height,
+                "width": res.width,
+                "height": res.height,
+                "bytes_downloaded": res.bytes_downloaded,
+                "sha256": res.sha256,
+                "attempts": res.attempts,
+            }
+            if key is not None:
+                meta = {k: row[k] for k in ("key", "url", "source", "caption", "status", "error_message", "width",
+                                            "height", "original_width", "original_height", "sha256")}
+                tar.write(key, {"jpg": res.jpeg, "txt": (u["caption"] or "").encode(), "json": meta})
                 counts["ok"] += 1
             else:
                 failures[res.error] += 1
                 counts["failed"] += 1
             if res.retry_after:  # waits a server asked for (429/503 with Retry-After)
                 counts["retry_after"] += res.retry_after
-            rows.append(
-                {
-                    "key": key,
-                    "index": u["index"],
-                    "url": u["url"],
-                    "source": u["source"],
-                    "caption": u["caption"],
-                    "status": res.status,
-                    "error": res.error,
-                    "http_status": res.http_status,
-                    "orig_width": res.orig_width,
-                    "orig_height": res.orig_height,
-                    "width": res.width,
-                    "height": res.height,
-                    "bytes_downloaded": res.bytes_downloaded,
-                    "sha256": res.sha256,
-                    "attempts": res.attempts,
-                }
-            )
+            rows.append(row)
     # The table is written after the tar: a shard with a table has a complete tar.
     write_table(layout.images_table(shard), rows, "downloads")
     return dict(counts), dict(failures)

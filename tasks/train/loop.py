@@ -3,7 +3,8 @@
     setup_worker: device, tokenizer, model, restore (latest checkpoint), DDP, AdamW, warm-up + cosine,
                   loader at the restored step
     each step:    load_batch -> forward_and_loss (bf16 autocast on GPUs) -> backward (clip)
-                  -> optimizer_step -> update_ema (teacher) -> on_step hook
+                  -> optimizer_step (frozen prototypes early, logit scale clamped after)
+                  -> update_ema (teacher) -> on_step hook
                   -> log_metrics every `log_every` -> save_and_report every `checkpoint_every`
 
 Devices: `ray.train.torch.get_device()` gives the worker's accelerator when it has one
@@ -201,7 +202,11 @@ def backward(w: Worker, loss: torch.Tensor) -> torch.Tensor:
 
 
 def optimizer_step(w: Worker) -> None:
+    """The AdamW step, with DINO's frozen prototype layers early on and the logit scale kept in range
+    after it (METHOD.md sec. 3 and 4)."""
+    w.model.drop_frozen_gradients(w.step)
     w.optimizer.step()
+    w.model.clamp_parameters()
     w.scheduler.step()
 
 

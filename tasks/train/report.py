@@ -59,9 +59,19 @@ def is_health_metric(name: str) -> bool:
     return not name.startswith(_PREFIXED) and ("sd_" in name or name.startswith(("sd/", "distill/")))
 
 
-def _series(rows: list[dict], group: str) -> list[str]:
+def _columns(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Every numeric metric as its (step, value) points, in one pass over the rows."""
+    columns: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        step = row["step"]
+        for name, value in row.items():
+            if isinstance(value, (int, float)) and name != "step":
+                columns.setdefault(name, []).append((step, value))
+    return columns
+
+
+def _series(names: list[str], group: str) -> list[str]:
     prefix = PLOT_GROUPS[group][0]
-    names = {k for r in rows for k, v in r.items() if isinstance(v, (int, float))}
     if group == HEALTH:
         return sorted(n for n in names if is_health_metric(n))
     if group == "schedule":
@@ -81,8 +91,8 @@ def downsample(points: list[tuple[float, float]], max_points: int = MAX_POINTS) 
     return out
 
 
-def _curve(rows: list[dict], name: str) -> tuple[list[float], list[float]]:
-    points = downsample([(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))])
+def _curve(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    points = downsample(points)
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -96,11 +106,11 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _plot_lines(rows: list[dict], group: str, names: list[str]) -> bytes:
+def _plot_lines(columns: dict, group: str, names: list[str]) -> bytes:
     prefix, title = PLOT_GROUPS[group]
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     for name in names:
-        ax.plot(*_curve(rows, name), label=name.removeprefix(prefix) or name, linewidth=1)
+        ax.plot(*_curve(columns[name]), label=name.removeprefix(prefix) or name, linewidth=1)
     ax.set_xlabel("step")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -109,19 +119,20 @@ def _plot_lines(rows: list[dict], group: str, names: list[str]) -> bytes:
     return _png(fig)
 
 
-def _plot_health(rows: list[dict], names: list[str]) -> bytes:
+def _plot_health(columns: dict, names: list[str]) -> bytes:
     """One panel per metric (its branches as lines): entropy, KL and norms live on different scales."""
     panels: dict[str, list[str]] = {}
     for name in names:
         panels.setdefault(_BRANCH.sub("*", name), []).append(name)
     shown = list(panels.items())[:MAX_HEALTH_PANELS]
-    columns = min(3, len(shown))
-    num_rows = math.ceil(len(shown) / columns)
-    fig, axes = plt.subplots(num_rows, columns, figsize=(3.0 * columns, 2.5 * num_rows), dpi=DPI, squeeze=False)
+    num_columns = min(3, len(shown))
+    num_rows = math.ceil(len(shown) / num_columns)
+    fig, axes = plt.subplots(num_rows, num_columns, figsize=(3.0 * num_columns, 2.5 * num_rows), dpi=DPI,
+                             squeeze=False)
     for ax, (panel, members) in zip(axes.flat, shown):
         for name in members:
             branch = _BRANCH.search(name)
-            ax.plot(*_curve(rows, name), label=branch.group(1) if branch else name, linewidth=1)
+            ax.plot(*_curve(columns[name]), label=branch.group(1) if branch else name, linewidth=1)
         ax.set_title(panel, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -136,11 +147,12 @@ def _plot_health(rows: list[dict], names: list[str]) -> bytes:
 
 def render_plots(rows: list[dict]) -> dict[str, bytes]:
     """{group: PNG bytes} for the groups of `PLOT_GROUPS` that have data, in that order."""
+    columns = _columns(rows)
     plots = {}
     for group in PLOT_GROUPS:
-        names = _series(rows, group)
+        names = _series(list(columns), group)
         if names:
-            plots[group] = _plot_health(rows, names) if group == HEALTH else _plot_lines(rows, group, names)
+            plots[group] = _plot_health(columns, names) if group == HEALTH else _plot_lines(columns, group, names)
     return plots
 
 
@@ -204,10 +216,24 @@ def report_markdown(*, run_dir: str, rows: list[dict], plots: dict[str, bytes], 
              f"- samples seen: {last.get('samples_seen', 0):,}, corrupt samples skipped: {last.get('corrupt_samples', 0)}",
              f"- curves: at most {MAX_POINTS} points each (means of consecutive metric rows); "
              f"every row in `{join(run_dir, 'metrics.jsonl')}`"]
+    table = ["", "| metric | last |", "| --- | --- |"]
+    table += [f"| {k} | {v:.5g} |" for k, v in last.items() if isinstance(v, float)]
+    budget = MAX_REPORT_BYTES - len("\n".join(lines + table).encode())
     for group, png in plots.items():
-        title = PLOT_GROUPS[group][1]
-        lines += ["", f"## {title}", "", f"![{group}](data:image/png;base64,{base64.b64encode(png).decode()})", "",
-                  f"`{join(run_dir, PLOTS_DIR, f'{group}.png')}`"]
-    lines += ["", "| metric | last |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.5g} |" for k, v in last.items() if isinstance(v, float)]
-    return "\n".join(lines)
+        file = join(run_dir, PLOTS_DIR, f"{group}.png")
+        section = ["", f"## {PLOT_GROUPS[group][1]}", "",
+                   f"![{group}](data:image/png;base64,{base64.b64encode(png).decode()})", "", f"`{file}`"]
+        if len("\n".join(section)) >= budget:  # not reached by our plots (see the tests); keeps the bound if it were
+            section[3] = f"(left out to keep the report under {MAX_REPORT_BYTES // 1024} KiB; the file has it)"
+        budget -= len("\n".join(section).encode()) + 1
+        lines += section
+    return "\n".join(lines + table)
+
+
+def progress_line(row: dict, total_steps: int) -> str:
+    """One metric row for a person: step of total, losses, lr, images/s and the time left at that pace."""
+    step = row["step"]
+    left = format_duration(time_left(step, total_steps, steps_per_second(row)))
+    return (f"step {step}/{total_steps} ({100 * step / total_steps:.1f}%)  loss {row.get('loss/total', math.nan):.4f}  "
+            f"ret {row.get('loss/ret', math.nan):.4f}  lr {row.get('lr', math.nan):.2e}  "
+            f"{row.get('images_per_s', 0):,.1f} img/s  {left} left  corrupt {row.get('corrupt_samples', 0)}")

@@ -75,10 +75,33 @@ def test_scale_and_bias_init_and_clamp():
     assert loss_fn.bias.item() == -10.0
     with torch.no_grad():
         loss_fn.log_scale.fill_(9.0)
+    loss_fn.clamp_parameters()
     assert torch.isclose(loss_fn.scale(), torch.tensor(100.0))
     with torch.no_grad():
         loss_fn.log_scale.fill_(-3.0)
+    loss_fn.clamp_parameters()
     assert loss_fn.scale().item() == 1.0
+
+
+def test_log_scale_past_the_bound_gets_a_gradient_and_comes_back_after_a_step():
+    """METHOD.md sec. 3: the clamp is on the parameter after the step (FLAIR's train loop), not in the
+    forward, where it would have zero gradient past ln 100 and hold the scale there for good."""
+    torch.manual_seed(0)
+    loss_fn = SigmoidRetrievalLoss(RetrievalConfig(init_bias=0.0))
+    with torch.no_grad():
+        loss_fn.log_scale.fill_(math.log(100.0) + 0.5)
+    image_global, texts = torch.randn(B, D), torch.randn(B * K, D)
+    index = sample_caption_index(num_images=B, num_captions=K)
+    cosine = pooled_cosine(torch.randn(B, B + K - 1, D), texts[index])
+    loss = loss_fn(image_global=image_global, conditioned_cosine=cosine, texts=texts, caption_index=index,
+                   num_captions=K)["ret"]
+    assert math.isclose(loss_fn.scale().item(), 100.0 * math.exp(0.5), rel_tol=1e-6)  # unclamped in the forward
+    loss.backward()
+    assert loss_fn.log_scale.grad.abs().item() > 1e-4
+    optimizer = torch.optim.SGD([loss_fn.log_scale], lr=1e-3)
+    optimizer.step()
+    loss_fn.clamp_parameters()
+    assert 0.0 <= loss_fn.log_scale.item() <= math.log(100.0)
 
 
 def make_parity_inputs(num_images: int):

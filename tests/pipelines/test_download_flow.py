@@ -21,6 +21,7 @@ import yaml
 
 from storage import DatasetLayout, StageRecords, iter_shard, read_table
 from tasks.demo.http_server import LoopbackServer, Reply, closed_port, image_bytes, redirect
+from tasks.download.stage import IMAGE_REASONS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,12 +115,24 @@ def test_download_and_captions_flows(tmp_path):
         assert len(rows) == len(good_urls) + len(bad)  # one row per URL tried
         by_url = {r["url"]: r for r in rows}
         for url, reason in bad.items():
-            assert by_url[url]["status"] == "failed" and by_url[url]["error"] == reason
+            assert by_url[url]["error_message"] == reason
+            assert by_url[url]["status"] == ("failed_to_resize" if reason in IMAGE_REASONS else "failed_to_download")
         for shard in layout.list_shards(layout.images_dir, ".tar"):
             for sample in iter_shard(layout.images_tar(shard)):
                 meta = sample["json"]
                 assert min(meta["width"], meta["height"]) <= 256
                 assert by_url[meta["url"]]["key"] == sample["__key__"]
+                assert meta["status"] == "success" and {"original_width", "original_height"} <= set(meta)
+
+        # img2dataset-compatible: open_clip's webdataset pipeline reads every image-caption pair.
+        import webdataset as wds
+
+        tars = [layout.images_tar(s) for s in layout.list_shards(layout.images_dir, ".tar")]
+        pairs = list(wds.WebDataset(tars, shardshuffle=False).decode("pilrgb").to_tuple("jpg;png", "txt"))
+        captions_by_url = {url: f"caption {i}" for i, url in enumerate(good_urls)}
+        assert len(pairs) == len(good_urls) == len(rows) - len(bad)
+        assert sorted(text for _, text in pairs) == sorted(captions_by_url.values())
+        assert all(image.mode == "RGB" and min(image.size) <= 256 for image, _ in pairs)
 
         captions = summaries["captions"]
         assert captions["counts"] == {"images": len(good_urls), "captioned": len(good_urls) - 1}

@@ -60,7 +60,7 @@ def build_root(root: Path, boxes_inputs=(0, 1)) -> tuple[DatasetLayout, dict[str
             for i in range(PER_INPUT):
                 key, url = make_key(s, i), f"http://img.test/{s}/{i}.jpg"
                 tar.write(key, {"jpg": _jpeg(s, i), "json": {"key": key, "url": url, "width": 8, "height": 6}})
-                downloads.append({"key": key, "index": i, "url": url, "status": "ok"})
+                downloads.append({"key": key, "index": i, "url": url, "status": "success"})
                 exp = {"jpg": _jpeg(s, i), "url": url, "captions": None, "phrases": [], "boxes": [], "qa": []}
                 if not (s == 0 and i == 3):
                     empty = s == 0 and i == 4
@@ -77,8 +77,8 @@ def build_root(root: Path, boxes_inputs=(0, 1)) -> tuple[DatasetLayout, dict[str
                     vqa.append({"key": key, "qa": qa, "raw_output": "{}", "error": "bad_json" if i == 5 else None})
                     exp["qa"] = qa
                 expected[key] = exp
-            downloads.append({"key": None, "index": PER_INPUT, "url": "http://img.test/404", "status": "failed",
-                              "error": "http_404"})
+            downloads.append({"key": None, "index": PER_INPUT, "url": "http://img.test/404", "status": "failed_to_download",
+                              "error_message": "http_404"})
         write_table(layout.images_table(shard), downloads, "downloads")
         _put(layout, "download", shard, {"ok": PER_INPUT, "failed": 1},
              tar=layout.images_tar(shard), table=layout.images_table(shard))

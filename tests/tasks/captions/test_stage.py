@@ -58,8 +58,8 @@ def _dataset(tmp_path: Path, **captions) -> PipelineConfig:
         for i, u in enumerate(urls):
             ok = u not in FAILED
             rows.append({"key": f"{s:05d}{i:04d}" if ok else None, "index": i, "url": u, "source": "t",
-                         "caption": "", "status": "ok" if ok else "failed",
-                         "error": None if ok else "http_404", "attempts": 1})
+                         "caption": "", "status": "success" if ok else "failed_to_download",
+                         "error_message": None if ok else "http_404", "attempts": 1})
         write_table(layout.images_table(s), rows, "downloads")
         StageRecords(layout, "download").put(ShardRecord(f"{s:05d}", "download-fp"))
     write_json(join(root, "sources", "manifest.json"), {"fingerprint": "split-fp", "num_shards": NUM_SHARDS})

@@ -97,11 +97,11 @@ def test_killed_worker_costs_only_its_shard_which_is_retried(tmp_path):
     layout = DatasetLayout(config.dataset.root)
     rows = {urlsplit(r["url"]).path: r for s in range(NUM_SHARDS)
             for r in read_table(layout.images_table(s)).to_pylist()}
-    assert [rows[p]["status"] for p in ("/0/0.jpg", "/hang.jpg", "/0/2.jpg")] == ["ok"] * 3
+    assert [rows[p]["status"] for p in ("/0/0.jpg", "/hang.jpg", "/0/2.jpg")] == ["success"] * 3
     assert (rows["/hang.jpg"]["attempts"], rows["/throttled.jpg"]["attempts"]) == (1, 2)
     missing = rows["/missing.jpg"]
-    assert (missing["status"], missing["error"], missing["http_status"], missing["attempts"]) == (
-        "failed", "http_404", 404, 1)
+    assert (missing["status"], missing["error_message"], missing["http_status"], missing["attempts"]) == (
+        "failed_to_download", "http_404", 404, 1)
 
 
 def test_memory_and_retry_settings_come_from_the_config_file():
