@@ -131,6 +131,7 @@ def download_shard(root: str, shard: str, cfg: DownloadConfig) -> tuple[dict, di
 class DownloadStage(Stage):
     name = "download"
     task_name = "download_shard"
+    code_version = 2  # 2: img2dataset's field names, <key>.txt in the tars
     throughput_count = "urls"
 
     def output_files(self, shard: str) -> dict[str, str]:
