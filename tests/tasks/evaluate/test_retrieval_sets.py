@@ -6,13 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tasks.config import EvalDatasetConfig, EvaluateConfig
-from tasks.evaluate.scoring import ImageFeatures
 from tasks.evaluate.sets.retrieval_sets import READERS, split_caption
 from tasks.evaluate.stage import evaluate_retrieval
-from tests.tasks.evaluate.images import write_images
+from tests.tasks.evaluate.images import OneHotScorer, write_images
 
 
 @pytest.fixture(scope="module")
@@ -94,31 +92,6 @@ def test_dci_joins_short_and_extra_captions_over_every_split(tmp_path, clip_toke
     assert ids.shape == (77,) and ids[-1] == clip_tokenizer.eos_token_id and ids[0] == clip_tokenizer.bos_token_id
 
 
-class CaptionScorer:
-    """Each text is the one-hot vector of the image its `caption_to_image` names; image i is one-hot i."""
-
-    image_size, device = 8, torch.device("cpu")
-
-    def __init__(self, num_images: int, caption_to_image: dict[str, int]):
-        self.num_images, self.caption_to_image, self.next_image = num_images, caption_to_image, 0
-
-    def encode_images(self, pixels):
-        index = torch.arange(self.next_image, self.next_image + len(pixels))
-        self.next_image += len(pixels)
-        features = torch.nn.functional.one_hot(index, self.num_images).float()
-        return ImageFeatures(features, features[:, None])
-
-    def encode_texts(self, texts):
-        return torch.nn.functional.one_hot(torch.tensor([self.caption_to_image[t] for t in texts]),
-                                           self.num_images).float()
-
-    def score(self, texts, images, mode):
-        return texts @ images.global_.T
-
-    def score_pairs(self, texts, images):
-        return (texts * images.global_).sum(-1)
-
-
 def test_docci_fg_recall_end_to_end(tmp_path):
     # 3 images, 2 sentences each; sentence "c2" is scored as if it described image 0.
     write_images(tmp_path / "images", ["a.jpg", "b.jpg", "c.jpg"])
@@ -127,7 +100,7 @@ def test_docci_fg_recall_end_to_end(tmp_path):
                  ("c.jpg", 2, "c1"), ("c.jpg", 2, "c2")]
     (tmp_path / "annotations/test_annotations.json").write_text(json.dumps({"annotations": [
         {"image_id": i, "image": image, "caption": text} for image, i, text in sentences]}))
-    scorer = CaptionScorer(3, {"a1": 0, "a2": 0, "b1": 1, "b2": 1, "c1": 2, "c2": 0})
+    scorer = OneHotScorer(3, {"a1": 0, "a2": 0, "b1": 1, "b2": 1, "c1": 2, "c2": 0})
     metrics, counts, failures = evaluate_retrieval(scorer, _read("docci", tmp_path), EvaluateConfig(rerank_top_k=2))
     # T2I: 5 of 6 sentences rank their image first. I2T: image 0's column has a1, a2 and c2 tied at 1,
     # and ties count against the model (c2 is not its caption): rank 1. Images 1, 2 rank first.

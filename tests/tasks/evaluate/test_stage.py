@@ -21,10 +21,9 @@ from tasks.evaluate.metrics import (
     t2i_ranks,
     top_k_masks,
 )
-from tasks.evaluate.scoring import ImageFeatures
 from tasks.evaluate.stage import EvaluateStage, evaluate_retrieval
 from tasks.stage import SINGLE_UNIT, run_stage
-from tests.tasks.evaluate.images import write_images
+from tests.tasks.evaluate.images import OneHotScorer, write_images
 
 
 def _brute_force_recalls(sims: list[list[float]], text_image: list[int], ks=(1, 5, 10)) -> dict[str, float]:
@@ -111,33 +110,6 @@ def test_classification_accuracy():
     logits = torch.tensor([[0.9, 0.1, 0.0], [0.5, 0.4, 0.6], [0.0, 0.2, 0.1]])
     acc = classification_accuracy(logits, torch.tensor([0, 0, 1]), ks=(1, 2))
     assert acc == {"top1": pytest.approx(2 / 3), "top2": 1.0}
-
-
-class OneHotScorer:
-    """Image i and its texts are the same one-hot vector: perfect retrieval in every mode."""
-
-    image_size = 8
-    device = torch.device("cpu")
-
-    def __init__(self, num_images: int, caption_to_image: dict[str, int]):
-        self.num_images, self.caption_to_image = num_images, caption_to_image
-        self.next_image = 0
-
-    def encode_images(self, pixels):
-        index = torch.arange(self.next_image, self.next_image + len(pixels))
-        self.next_image += len(pixels)
-        features = torch.nn.functional.one_hot(index, self.num_images).float()
-        return ImageFeatures(features, features[:, None])
-
-    def encode_texts(self, texts):
-        index = torch.tensor([self.caption_to_image[t] for t in texts])
-        return torch.nn.functional.one_hot(index, self.num_images).float()
-
-    def score(self, texts, images, mode):
-        return texts @ images.global_.T
-
-    def score_pairs(self, texts, images):
-        return (texts * images.global_).sum(-1)
 
 
 def test_a_perfect_scorer_gets_perfect_recall_in_every_mode(tmp_path):
