@@ -292,7 +292,7 @@ class GoldiCLIP(nn.Module):
             model.retrieval_loss.log_scale.copy_(log_scale)
         pooling_file = Path(name_or_path) / POOLING_FILE
         if pooling_file.exists():
-            saved = torch.load(pooling_file, map_location="cpu")
+            saved = torch.load(pooling_file, map_location="cpu", weights_only=True)
             model.pooling.load_state_dict(saved["pooling"])
             with torch.no_grad():
                 model.retrieval_loss.bias.copy_(saved["logit_bias"])
