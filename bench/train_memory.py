@@ -62,7 +62,7 @@ GIB = 2**30
 # rounded down: H100 80 GB, H200 141 GB, MI300X 192 GB.
 GPUS = {"80 GB": 79.0, "141 GB": 139.0, "192 GB": 191.0}
 MARGIN = 0.9  # plan within 90% of a GPU's memory
-PLAN_BATCHES = (16, 64)
+PLAN_BATCHES = (200, 800)  # per-GPU batches of the plan's line (divisors of 6,400)
 
 
 def option_sets(pooling_chunk: int, head_chunk: int) -> dict[str, dict]:
@@ -281,7 +281,7 @@ def plan(args) -> dict:
     base = get_preset(train.preset, **train.model_overrides)
     views = {"captions": train.captions_per_image, "global_views": train.num_global_views,
              "local_views": train.num_local_views, "decoder_length": args.decoder_length}
-    result = {"config": str(args.config[0].relative_to(REPO)), "preset": train.preset, "global_batch": global_batch,
+    result = {"config": os.path.relpath(args.config[0], REPO), "preset": train.preset, "global_batch": global_batch,
               **views, "sets": [], "own": []}
     for name, memory in option_sets(args.pooling_chunk, args.head_chunk).items():
         points = []
@@ -295,9 +295,9 @@ def plan(args) -> dict:
                                "gpus": {gpu: gpus_needed(global_batch, n) for gpu, n in largest.items()}})
         print(f"{'':24s} {slope:.3f} GiB/image + {fixed:.1f} GiB; largest per-GPU batch "
               + ", ".join(f"{gpu}: {n}" for gpu, n in largest.items()), flush=True)
-    anchor = SimpleNamespace(workers=1, **(views | {"captions": 10, "global_views": 2, "local_views": 6}))
-    result["anchor"] = [(batch, estimate(get_preset("B/16"), SimpleNamespace(batch=batch, **vars(anchor)))["peak"])
-                        for batch in (8, 16, 32)]
+    result["anchor"] = [(batch, estimate(get_preset("B/16"), SimpleNamespace(
+        batch=batch, workers=1, captions=10, global_views=2, local_views=6, decoder_length=args.decoder_length))["peak"])
+        for batch in (8, 16, 32)]
     print(f"anchor: {result['anchor']}", flush=True)
     for path, own in zip(args.config, trains):
         config = get_preset(own.preset, **own.model_overrides_with_memory())
@@ -305,7 +305,7 @@ def plan(args) -> dict:
                                 global_views=own.num_global_views, local_views=own.num_local_views,
                                 decoder_length=args.decoder_length)
         peak = estimate(config, shape)["peak"]
-        result["own"].append({"config": str(path.relative_to(REPO)), "options": describe(config.memory),
+        result["own"].append({"config": os.path.relpath(path, REPO), "options": describe(config.memory),
                               "batch": own.batch_size_per_worker, "workers": own.num_workers, "peak": peak,
                               "fits": {gpu: peak <= MARGIN * gib for gpu, gib in GPUS.items()}})
         print(json.dumps(result["own"][-1]), flush=True)

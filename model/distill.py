@@ -61,7 +61,11 @@ class DINOHead(nn.Module):
             nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, bottleneck)
         )
         self.prototypes = nn.Parameter(torch.empty(config.num_prototypes, bottleneck))
-        nn.init.trunc_normal_(self.prototypes, std=0.02)
+        # DINO initialises only the MLP with trunc_normal(0.02); its last layer keeps nn.Linear's init,
+        # uniform in +-1/sqrt(bottleneck). Only the direction of a prototype enters the logits, but
+        # AdamW moves each entry by ~lr whatever its size, so the raw norm sets how fast prototypes
+        # turn: 0.02-std rows would turn 1/(0.02 sqrt(3 bottleneck)) times faster (5x in the debug head).
+        nn.init.kaiming_uniform_(self.prototypes, a=math.sqrt(5))
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.trunc_normal_(layer.weight, std=0.02)

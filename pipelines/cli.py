@@ -165,7 +165,7 @@ def export(checkpoint: str = typer.Argument(..., help="A training checkpoint dir
                                                "a local path or an fsspec URL such as s3://..."),
            out_dir: str = typer.Argument(..., help="Where to write the Hugging Face CLIP checkpoint (path or URL).")
            ) -> None:
-    """Write the student's towers as a Hugging Face CLIP checkpoint plus the pooling block."""
+    """Write the student as a Hugging Face CLIP checkpoint (towers, image processor, tokenizer) plus the pooling block."""
     from tasks.evaluate.export import export_checkpoint
 
     try:
@@ -173,7 +173,9 @@ def export(checkpoint: str = typer.Argument(..., help="A training checkpoint dir
     except ValueError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"exported to {written}: CLIPModel.from_pretrained('{written}'); tasks.evaluate.export.load_exported for scoring")
+    typer.echo(f"exported to {written}: pipeline('zero-shot-image-classification', model='{written}') and "
+               f"CLIPProcessor/CLIPModel.from_pretrained score text-agnostically; "
+               f"tasks.evaluate.export.load_exported('{written}') for text-conditioned scores")
 
 
 @app.command("status")

@@ -2,7 +2,9 @@
 
 Every stage flow calls ``run_stage_flow``: it prepares the stage, submits one
 Prefect task per pending shard (so the UI shows per-shard runs, retries and
-logs), bounds how many run at once, keeps a progress artifact current, and
+logs), bounds how many run at once, keeps a progress artifact current, logs
+progress a person can read (shards done, items with their rate, time left: a tqdm bar
+on a terminal, and a log line at most every minute or 10% of the shards), and
 publishes counts and failures by reason as table artifacts. A shard that fails
 does not stop the others; the flow fails at the end, naming them, after every
 finished shard has been recorded.
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from pipelines.overview import OverviewRefresher
 from tasks.annotate.gallery import write_gallery
+from tasks.progress import LogThrottle, ShardProgress
 from tasks.ray_actors import ShardActorPool, shard_runner
 from tasks.stage import ShardResult, Stage
 
@@ -135,6 +138,7 @@ def run_stage_flow(stage: Stage, *, force: bool = False) -> dict:
     bar = tqdm(total=len(shards), initial=len(done), desc=stage.name, unit="shard",
                disable=not sys.stderr.isatty())
     started = time.perf_counter()
+    progress, log_throttle = ShardProgress(stage.name, len(shards), len(done), stage.throughput_count), LogThrottle()
     refresh_overview = OverviewRefresher(stage.config)
     runner = shard_runner(stage) if pending else stage
     pool = runner if isinstance(runner, ShardActorPool) else None
@@ -155,8 +159,12 @@ def run_stage_flow(stage: Stage, *, force: bool = False) -> dict:
                 except Exception as e:  # recorded and re-raised below, after the summary
                     failed[shard] = f"{type(e).__name__}: {e}"
                     logger.error("%s shard %s failed: %s", stage.name, shard, failed[shard])
+                progress.add(None if shard in failed else results[-1].counts)
+                bar.set_postfix_str(progress.rate(), refresh=False)
                 bar.update(1)
                 finished = len(results) + len(failed)
+                if log_throttle.ready(finished, len(shards)):  # the UI's and a non-terminal's progress
+                    logger.info("%s", progress.line())
                 update_progress_artifact(progress_id, 100.0 * finished / max(len(shards), 1))
                 refresh_overview()
         extra = {"actors": pool.describe()} if pool else None

@@ -12,6 +12,7 @@ curves move. At the end: the `train-metrics` table and the final `train-report`.
 
 from __future__ import annotations
 
+import httpx
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
 from prefect.artifacts import update_progress_artifact
@@ -50,11 +51,14 @@ class _Watch:
         if self.log_throttle.ready(row["step"], self.total_steps):
             get_run_logger().info("train: %s", progress_line(row, self.total_steps))
         if self.report_throttle.ready(row["step"]):
-            plots = write_plots(self.rows, self.run_dir)
-            create_markdown_artifact(report_markdown(run_dir=self.run_dir, rows=self.rows, plots=plots,
-                                                     total_steps=self.total_steps,
-                                                     checkpoint=latest_checkpoint(self.run_dir), live=True),
-                                     key=REPORT_KEY, description=REPORT_DESCRIPTION)
+            try:
+                plots = write_plots(self.rows, self.run_dir)
+                create_markdown_artifact(report_markdown(run_dir=self.run_dir, rows=self.rows, plots=plots,
+                                                         total_steps=self.total_steps,
+                                                         checkpoint=latest_checkpoint(self.run_dir), live=True),
+                                         key=REPORT_KEY, description=REPORT_DESCRIPTION)
+            except (OSError, httpx.HTTPError) as e:  # storage or API trouble: the next version tries again
+                get_run_logger().warning("train: live report not published (%s: %s)", type(e).__name__, e)
 
 
 def publish_report(summary: dict, rows: list[dict], total_steps: int) -> None:

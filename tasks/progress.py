@@ -6,6 +6,10 @@ a tqdm bar); when the output is a file, a pipe or a log collector (a Prefect wor
 `LogThrottle` lets a line through only when `every_s` seconds have passed or the work advanced by
 `every_fraction` of the total since the last line, and always the first and the last line: a
 command of duration T logs at most 2 + T / every_s + 1 / every_fraction progress lines.
+
+Used by the stage flows (`ShardProgress`: shards and items with a rate and the time left, a line
+at most every 60 s or 10% of the shards; pipelines/stage_flow.py) and the train flow (step, loss,
+images/s, time left; pipelines/train.py).
 """
 
 from __future__ import annotations
@@ -69,3 +73,39 @@ class LogThrottle:
         if due:
             self.last_time, self.last_done = now, done
         return due
+
+
+class ShardProgress:
+    """A stage's progress over its shards: shards done of the total, its throughput count (`unit`,
+    e.g. urls) finished this run and their rate, and the time left at this run's pace of shards."""
+
+    def __init__(self, stage: str, total: int, done: int, unit: str | None, clock: Callable[[], float] = time.monotonic):
+        self.stage, self.total, self.done, self.unit, self.clock = stage, total, done, unit, clock
+        self.started, self.finished_this_run, self.items, self.failed = clock(), 0, 0, 0
+
+    def add(self, counts: dict[str, int] | None) -> None:
+        """One more shard finished: its counts, or None when it failed."""
+        self.done += 1
+        self.finished_this_run += 1
+        if counts is None:
+            self.failed += 1
+        elif self.unit:
+            self.items += counts.get(self.unit, 0)
+
+    def rate(self) -> str:
+        """This run's items per second, e.g. "48,000 urls, 312.5 urls/s" (empty for a stage without a unit)."""
+        if not self.unit:
+            return ""
+        elapsed = self.clock() - self.started
+        per_s = f", {self.items / elapsed:,.1f} {self.unit}/s" if elapsed > 0 else ""
+        return f"{self.items:,} {self.unit}{per_s}"
+
+    def line(self) -> str:
+        """e.g. "download: 120/3000 shards (4.0%), 48,000 urls, 312.5 urls/s, 1h02m left, 1 shard failed"."""
+        elapsed = self.clock() - self.started
+        pace = self.finished_this_run / elapsed if elapsed > 0 and self.finished_this_run else None
+        parts = [f"{self.stage}: {self.done}/{self.total} shards ({100 * self.done / max(self.total, 1):.1f}%)"]
+        parts += [self.rate()] if self.unit else []
+        parts.append(f"{format_duration(time_left(self.done, self.total, pace))} left")
+        parts += [f"{self.failed} shard(s) failed"] if self.failed else []
+        return ", ".join(parts)

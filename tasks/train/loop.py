@@ -57,7 +57,8 @@ StepHook = Callable[[int, int], None]
 
 
 def model_config(train: TrainConfig, tokenizer) -> GoldiCLIPConfig:
-    return config_for_tokenizer(get_preset(train.preset, **train.model_overrides), tokenizer)
+    """The preset with its overrides and `train.memory` (the model's MemoryConfig), sized for the tokenizer."""
+    return config_for_tokenizer(get_preset(train.preset, **train.model_overrides_with_memory()), tokenizer)
 
 
 def read_metrics(run_dir: str) -> list[dict]:

@@ -2,11 +2,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .helpers import make_batch
 
 from model import DINOHead, DistillConfig, DistillationLoss, EMATeacher, GoldiCLIP, ema_momentum, replace_config
+from model.distill import distillation_health
 
 CONFIG = DistillConfig(head_hidden_dim=32, head_bottleneck_dim=8, num_prototypes=64)
 
@@ -113,3 +115,80 @@ def test_model_teacher_gets_no_gradients_and_follows_the_student(debug_config, t
         assert torch.allclose(new, 0.996 * old + 0.004 * s, atol=1e-6)
     assert model.distill_step.item() == 1
     assert (model.distill_heads["ta"] is model.distill_heads["tc"]) == shared_head
+
+
+def test_health_reads_uniform_and_one_hot_teachers_and_kl_matches_pairwise():
+    torch.manual_seed(0)
+    num_prototypes = 64
+    uniform = torch.full((3, 2, num_prototypes), 1 / num_prototypes)
+    one_hot = F.one_hot(torch.randint(num_prototypes, (3, 2)), num_prototypes).float()
+    center = torch.randn(1, num_prototypes)
+    for probs, fraction in ((uniform, 1.0), (one_hot, 0.0)):
+        health = distillation_health(teacher_probs=probs, loss=torch.tensor(5.0), center=center)
+        assert math.isclose(health["teacher_entropy_frac"].item(), fraction, abs_tol=1e-6)
+        assert math.isclose(health["center_norm"].item(), center.norm().item(), rel_tol=1e-6)
+    # KL(P_t || P_s) over the (g, v != g) pairs, one pair at a time, against L_sd - H(P_t).
+    head, loss_fn = DINOHead(CONFIG, 16), DistillationLoss(CONFIG)
+    student_features, teacher_features = torch.randn(5, 6, 16), torch.randn(5, 2, 16)
+    with torch.no_grad():
+        probs = loss_fn.teacher_probs(teacher_embed=head.embed(teacher_features), weight=head.prototype_weight(),
+                                      step=torch.tensor(0))
+        loss = loss_fn(student_embed=head.embed(student_features), weight=head.prototype_weight(), teacher_probs=probs)
+        log_student = torch.log_softmax(head(student_features) / CONFIG.student_temp, dim=-1)
+    kls = [F.kl_div(log_student[b, v], probs[b, g], reduction="sum")
+           for b in range(5) for g in range(2) for v in range(6) if v != g]
+    health = distillation_health(teacher_probs=probs, loss=loss, center=loss_fn.center)
+    assert math.isclose(health["kl"].item(), (sum(kls) / len(kls)).item(), rel_tol=1e-4)
+
+
+def test_model_logs_the_health_of_both_branches(debug_config, tokenizer):
+    torch.manual_seed(0)
+    model = GoldiCLIP(debug_config)
+    _, metrics = model(make_batch(debug_config, tokenizer))
+    for branch in ("ta", "tc"):
+        names = {f"sd_{branch}/teacher_entropy_frac", f"sd_{branch}/kl", f"sd_{branch}/center_norm"}
+        assert names <= set(metrics)
+        assert 0.0 < metrics[f"sd_{branch}/teacher_entropy_frac"].item() <= 1.0
+        assert metrics[f"sd_{branch}/kl"].item() >= -1e-5
+        assert torch.isclose(metrics[f"sd_{branch}/center_norm"], model.distill_losses[branch].center.norm())
+
+
+@pytest.mark.parametrize("shared_head", [False, True])
+def test_prototypes_stay_frozen_for_the_first_steps(debug_config, tokenizer, shared_head):
+    """DINO's freeze_last_layer: before step `freeze_last_layer_steps` the prototype layers get no update,
+    weight decay included (their gradients are dropped, as DINO's cancel_gradients_last_layer); the
+    MLP below them trains; from that step on the prototypes train too."""
+    config = replace_config(debug_config, distill={"freeze_last_layer_steps": 2, "shared_head": shared_head})
+    torch.manual_seed(0)
+    model = GoldiCLIP(config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5)
+    batch = make_batch(config, tokenizer)
+    heads = model.distill_heads.values()
+    for step in range(3):
+        prototypes = [head.prototypes.detach().clone() for head in heads]
+        mlp = [head.mlp[0].weight.detach().clone() for head in heads]
+        loss, _ = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(head.prototypes.grad is not None and head.prototypes.grad.abs().sum() > 0 for head in heads)
+        model.drop_frozen_gradients(step)
+        assert all((head.prototypes.grad is None) == (step < 2) for head in heads)
+        optimizer.step()
+        model.update_teacher()
+        for head, before, mlp_before in zip(heads, prototypes, mlp):
+            assert torch.equal(head.prototypes, before) == (step < 2), step
+            assert not torch.equal(head.mlp[0].weight, mlp_before)
+
+
+def test_head_init_follows_dino():
+    """DINO's DINOHead: trunc_normal(0.02) on the MLP's linears (zero biases); the last layer keeps
+    nn.Linear's default init (uniform in +-1/sqrt(bottleneck)) under weight norm with g = 1."""
+    torch.manual_seed(0)
+    config = DistillConfig(head_hidden_dim=256, head_bottleneck_dim=64, num_prototypes=4096)
+    head = DINOHead(config, 32)
+    bound = 1 / math.sqrt(64)
+    assert head.prototypes.abs().max().item() <= bound
+    assert math.isclose(head.prototypes.std().item(), bound / math.sqrt(3), rel_tol=0.02)
+    for layer in (head.mlp[0], head.mlp[2], head.mlp[4]):
+        assert math.isclose(layer.weight.std().item(), 0.02, rel_tol=0.1)
+        assert torch.all(layer.bias == 0)

@@ -101,7 +101,7 @@ def test_log_scale_past_the_bound_gets_a_gradient_and_comes_back_after_a_step():
     optimizer = torch.optim.SGD([loss_fn.log_scale], lr=1e-3)
     optimizer.step()
     loss_fn.clamp_parameters()
-    assert 0.0 <= loss_fn.log_scale.item() <= math.log(100.0)
+    assert 0.0 <= loss_fn.log_scale.item() <= math.log(100.0) + 1e-6  # ln 100 rounded to float32
 
 
 def make_parity_inputs(num_images: int):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
 
 import pytest
@@ -13,6 +15,25 @@ from tests.tasks.test_stage import ToyStage
 
 class NamedToyStage(ToyStage):
     task_name = "multiply_numbers"
+    throughput_count = "rows"
+
+
+@contextlib.contextmanager
+def info_logs_of_flow_runs():
+    """The records flow runs log at INFO (the session's Prefect logging level is WARNING). Entered
+    inside a flow: Prefect configures its loggers again when the first flow starts."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("prefect.flow_runs")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -28,9 +49,11 @@ def test_one_named_task_run_per_shard_with_plain_parameters(tmp_path):
     def toy_flow():
         from prefect.runtime import flow_run
 
-        return flow_run.id, run_stage_flow(NamedToyStage(config, shards=("00000", "00001", "00002")))
+        with info_logs_of_flow_runs() as records:
+            summary = run_stage_flow(NamedToyStage(config, shards=("00000", "00001", "00002")))
+        return flow_run.id, summary, [r.getMessage() for r in records]
 
-    flow_run_id, summary = toy_flow()
+    flow_run_id, summary, messages = toy_flow()
     assert summary["last_run"]["processed"] == ["00000", "00001", "00002"]
 
     async def task_runs():
@@ -43,6 +66,12 @@ def test_one_named_task_run_per_shard_with_plain_parameters(tmp_path):
     assert {r.task_key.split("-")[0] for r in runs} == {"multiply_numbers"}
     # Plain parameters only: the shard and force, not the stage object.
     assert all(set(r.task_inputs) == {"shard", "force"} for r in runs)
+    # A progress line a person reads; not a terminal: the first shard, then each 10% or minute, and the
+    # last (here each shard is a third of the stage).
+    lines = [m for m in messages if re.match(r"toy: \d+/3 shards", m)]
+    assert len(lines) == 3, messages
+    assert re.fullmatch(r"toy: 1/3 shards \(33\.3%\), [23] rows, [\d,.]+ rows/s, \w+ left", lines[0]), lines
+    assert re.fullmatch(r"toy: 3/3 shards \(100\.0%\), 7 rows, [\d,.]+ rows/s, 0s left", lines[-1]), lines
 
 
 @pytest.mark.usefixtures("prefect_harness")

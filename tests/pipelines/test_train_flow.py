@@ -1,6 +1,7 @@
 """The train flow end to end: a real local Ray cluster (2 CPU workers), the real Prefect test API.
 
-One Ray cluster serves the module. Covered: checkpoints, metrics, plots and artifacts; a worker
+One Ray cluster serves the module. Covered: checkpoints, metrics, plots and artifacts (the
+`train-report` read back from the API: re-published while training runs, its plots inline); a worker
 failure retried by FailureConfig (an `on_step` hook injected into the workers makes rank 1 raise
 once); SIGKILL of the driver after a checkpoint, then a rerun of the flow resumes from the last
 checkpoint with the same step and data position, and the loss history continues.
@@ -8,7 +9,10 @@ checkpoint with the same step and data position, and the loss history continues.
 
 from __future__ import annotations
 
+import base64
+import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,11 +24,14 @@ import pytest
 import torch
 import yaml
 
+from PIL import Image
+
 from storage import read_json
 from tasks.demo.train_shards import write_train_shards
 from tasks.stage import SINGLE_UNIT
 from tasks.train.checkpoint import CHECKPOINT_FILE, latest_checkpoint
 from tasks.train.loop import STARTS_FILE, read_metrics
+from tasks.train.report import HEALTH, MAX_REPORT_BYTES, is_health_metric
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -52,6 +59,7 @@ def run_dir_of(summary: dict) -> Path:
 def test_flow_trains_checkpoints_plots_and_survives_a_worker_failure(prefect_harness, ray_cluster, tmp_path):
     from prefect import flow
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from pipelines.common import resolve_config
     from pipelines.train import run_training, train_flow
@@ -71,7 +79,7 @@ def test_flow_trains_checkpoints_plots_and_survives_a_worker_failure(prefect_har
     def train_with_a_worker_failure(config: dict) -> dict:
         return run_training(resolve_config(config), on_step=fail_once_on_rank_1)
 
-    config = config_dict(root, steps=6, checkpoint_every=3)
+    config = config_dict(root, steps=6, checkpoint_every=3, report_every_s=0)  # a train-report at every row
     summary = train_with_a_worker_failure(config)
 
     run_dir = run_dir_of(summary)
@@ -91,7 +99,25 @@ def test_flow_trains_checkpoints_plots_and_survives_a_worker_failure(prefect_har
     assert (root / "tokenizer" / "tokenizer.json").exists()
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
+        reports = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-report"])))
     assert {"train-progress", "train-metrics", "train-report"} <= keys
+    # The report was published while training ran, then once more at the end, its plots inline.
+    reports = sorted(reports, key=lambda a: a.created)
+    live = [re.search(r"_training: step (\d+) of 6", a.data) for a in reports[:-1]]
+    assert len(live) >= 2 and all(live), [a.data[:200] for a in reports]
+    assert [int(m.group(1)) for m in live] == sorted({int(m.group(1)) for m in live})  # one version per new row
+    final = reports[-1].data
+    assert "_finished: step 6 of 6_" in final and len(final.encode()) < MAX_REPORT_BYTES
+    inline = dict(re.findall(r"!\[(\w+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", final))
+    rows = read_metrics(str(run_dir))
+    expected = {"losses", "log_vars", "weights", "schedule"} | ({HEALTH} if any(map(is_health_metric, rows[-1])) else set())
+    assert set(inline) == expected
+    for group, data in inline.items():
+        png = base64.b64decode(data)
+        assert png == (run_dir / "plots" / f"{group}.png").read_bytes()  # the file on storage, inline
+        with Image.open(io.BytesIO(png)) as image:
+            image.load()
+            assert image.format == "PNG" and image.width >= 500
 
     again = train_flow(config)  # same config: the finished run is skipped, not redone
     assert again["last_run"]["skipped"] == [SINGLE_UNIT] and again["counts"]["steps"] == 6

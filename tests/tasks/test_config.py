@@ -102,3 +102,10 @@ def test_train_memory_options_are_the_models_and_stay_out_of_the_fingerprint():
         load_config(preset="demo", overrides={"train.model_overrides.memory.head_chunk_size": 8})
     with pytest.raises(ConfigError, match="pooling_chunk_size"):
         load_config(preset="demo", overrides={"train.memory.pooling_chunk_size": 0})
+
+
+def test_the_80gb_preset_is_open30m_with_more_memory_options():
+    big, small = load_config(preset="open30m"), load_config(preset="open30m-80gb")
+    assert big.model_dump(exclude={"train"}) == small.model_dump(exclude={"train"})
+    assert big.train.model_dump(exclude={"memory"}) == small.train.model_dump(exclude={"memory"})
+    assert small.train.memory.checkpoint_decoder and not big.train.memory.checkpoint_decoder

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from tasks.progress import LogThrottle, format_duration, time_left
+from tasks.progress import LogThrottle, ShardProgress, format_duration, time_left
 
 
 class FakeClock:
@@ -56,3 +56,16 @@ def test_terminal_gets_every_line_a_file_is_throttled():
     assert all(on_tty.ready(done, 100) for done in range(100))
     in_file = LogThrottle.for_output(60, stream=io.StringIO())
     assert [in_file.ready(done, 1000) for done in range(3)] == [True, False, False]
+
+
+def test_shard_progress_counts_this_runs_items_and_extrapolates_its_pace():
+    clock = FakeClock()
+    progress = ShardProgress("download", total=100, done=20, unit="urls", clock=clock)  # 20 done by an earlier run
+    for _ in range(10):
+        clock.now += 6.0
+        progress.add({"urls": 1000, "ok": 990})
+    progress.add(None)  # a failed shard counts as finished, its items as none
+    # 11 shards in 60 s this run: 69 left at 11/60 per second = 376 s
+    assert progress.line() == "download: 31/100 shards (31.0%), 10,000 urls, 166.7 urls/s, 6m16s left, 1 shard(s) failed"
+    no_unit = ShardProgress("train", total=1, done=0, unit=None, clock=clock)
+    assert no_unit.line() == "train: 0/1 shards (0.0%), - left" and no_unit.rate() == ""

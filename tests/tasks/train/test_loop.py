@@ -23,6 +23,7 @@ from tasks.train.loop import (
     update_ema,
 )
 from tasks.train.optim import build_optimizer, build_scheduler
+from tasks.train.report import is_health_metric
 
 
 def test_a_step_in_named_pieces_trains_and_logs(tmp_path):
@@ -50,8 +51,13 @@ def test_a_step_in_named_pieces_trains_and_logs(tmp_path):
     assert loss.ndim == 0 and torch.isfinite(loss) and "loss/ret" in metrics
     grad_norm = backward(w, loss)
     assert grad_norm > 0 and model.pooling.query_proj.weight.grad is not None
+    with torch.no_grad():  # past ln 100, as a large step could put it: the step brings it back
+        model.retrieval_loss.log_scale.fill_(5.0)
     optimizer_step(w)
     assert not torch.equal(model.pooling.query_proj.weight, student)  # the student moved
+    assert 0.0 <= model.retrieval_loss.log_scale.item() <= 4.6052
+    prototypes = model.distill_heads["ta"].prototypes
+    assert prototypes.grad is None  # frozen in the first steps (DINO's freeze_last_layer)
     assert w.scheduler.get_last_lr()[0] == train.lr  # one warm-up step done: the peak
     update_ema(w)
     moved = [n for n, p in model.named_parameters() if n.startswith("teacher.") and not torch.equal(p, teacher[n])]
@@ -62,4 +68,13 @@ def test_a_step_in_named_pieces_trains_and_logs(tmp_path):
     assert row["step"] == 1 and row["samples_seen"] == 4 and row["loss/total"] == float(loss.detach())
     assert w.data["samples_read"] == 4 and w.data["step"] == 1 and w.local_read == 0  # counted once
     assert read_metrics(w.run_dir) == [row]  # rank 0 wrote it
+    # The distillation health metrics land in the row, and the report plots exactly them as health.
+    health = {f"sd_{b}/{n}" for b in ("ta", "tc") for n in ("teacher_entropy_frac", "kl", "center_norm")}
+    assert {name for name in row if is_health_metric(name)} == health
     assert latest_checkpoint(w.run_dir) is None  # checkpoints come from `save_and_report`, through Ray
+
+
+def test_model_config_carries_the_memory_options(tokenizer):
+    train = TrainConfig(preset="debug", memory={"checkpoint_text": True, "pooling_chunk_size": 2})
+    memory = model_config(train, tokenizer).memory
+    assert memory.checkpoint_text and memory.pooling_chunk_size == 2 and not memory.checkpoint_vision
