@@ -21,7 +21,8 @@ texts) and L_ret's (each image meets all B_global * K texts), so the estimate ru
         two per-GPU batches; peak = a * batch + b through the two (at a fixed global batch every term
         but the weights, gradients and optimizer state is per image); the largest per-GPU batch within
         90% of 80, 141 and 192 GB and the GPUs the global batch then needs; and each config's own
-        batch and options estimated directly. About 30-60 s per estimate on 2 idle cores.
+        batch and options estimated directly. An estimate takes 1-3 minutes on 2 cores, the plan of
+        the two open30m presets about 30.
     python bench/train_memory.py --validate [--write]
         the estimate against a real step on this machine: on a CPU, the peak RSS of a step at small
         sizes (in a subprocess, malloc's mmap threshold fixed so that freed blocks leave the RSS); on
@@ -141,10 +142,8 @@ class StepPeakTracker(MemTracker):
                 self._peak_mem_snap[device] = dict(snapshot)
 
 
-def estimate(config, shape: SimpleNamespace) -> dict:
-    """Fake-tensor peak of one step, GiB: `peak` (DDP buckets included), `start` (before the step) and
-    the peak's parts."""
-    started = time.perf_counter()
+def estimate(config, shape: SimpleNamespace) -> dict[str, float]:
+    """Fake-tensor memory of one step, GiB: `peak` (DDP buckets included), `start` (before the step), `ddp`."""
     torch.manual_seed(0)
     model = GoldiCLIP(config)  # real: its initialisation reads values, which fake tensors refuse
     with FakeTensorMode(allow_non_fake_inputs=True), emulated_world(shape.workers):
@@ -161,9 +160,7 @@ def estimate(config, shape: SimpleNamespace) -> dict:
             step()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     ddp = trainable_bytes if shape.workers > 1 else 0
-    parts = {str(getattr(kind, "name", kind)).lower(): value / GIB for kind, value in peak.items()}
-    return {"peak": (peak["Total"] + ddp) / GIB, "start": start / GIB, "ddp": ddp / GIB, "parts": parts,
-            "seconds": time.perf_counter() - started}
+    return {"peak": (peak["Total"] + ddp) / GIB, "start": start / GIB, "ddp": ddp / GIB}
 
 
 # ---- real steps (validation) ---------------------------------------------------------------------------
@@ -218,7 +215,7 @@ def real_gpu_step(config, shape: SimpleNamespace, steps: int = 3) -> dict:
 
 
 def spec_config(spec: dict):
-    return get_preset(spec["preset"], **spec["overrides"], memory=spec["memory"])
+    return get_preset(spec["preset"], memory=spec["memory"])
 
 
 def validate(args) -> list[dict]:
@@ -230,7 +227,7 @@ def validate(args) -> list[dict]:
              "local_views": args.local_views, "workers": args.workers, "decoder_length": args.decoder_length}
     names = list(option_sets(args.pooling_chunk, args.head_chunk).items())
     for name, memory in names if on_gpu else [names[0], names[-1]]:
-        spec = {"preset": args.preset, "overrides": {}, "memory": memory, "shape": shape}
+        spec = {"preset": args.preset, "memory": memory, "shape": shape}
         fake = estimate(spec_config(spec), SimpleNamespace(**shape))
         if on_gpu:
             real = real_gpu_step(spec_config(spec), SimpleNamespace(**shape))
@@ -331,7 +328,7 @@ def write_plan(result: dict) -> None:
         f"{MARGIN:.0%} of the memory torch reports for it ({', '.join(f'{g}: {v:.0f} GiB' for g, v in GPUS.items())}). "
         "The largest batch is read off the line through the estimates at "
         f"{' and '.join(str(b) for b, _ in result['sets'][0]['points'])} images per GPU (a fit, at a fixed global "
-        "batch every term but the weights, gradients and optimizer state is per image; each estimate ~1 minute on "
+        "batch every term but the weights, gradients and optimizer state is per image; each estimate 1-3 minutes on "
         "2 cores). Anchor (issue 16): 6.8 / 11.4 / 20.6 GiB at 8 / 16 / 32 images on one process, no options, "
         "without AdamW's state and the previous gradients (2.6 GiB for B/16); this estimator, same step in its "
         f"steady state: {' / '.join(f'{p:.1f}' for _, p in result['anchor'])} GiB.", "",
@@ -356,25 +353,27 @@ def write_plan(result: dict) -> None:
 
 
 def write_validation(rows: list[dict]) -> None:
+    """The rows as a table; step times only from a GPU (a shared 2-core sandbox makes CPU times noise)."""
     machine, date, command = report.machine(), report.today(), report.command_line()
-    gpu = rows[0]["gpu"]
-    shape = rows[0]["shape"]
-    what = ("torch.cuda.max_memory_allocated over 3 steps after a warm-up step, against the estimate's peak"
-            if gpu else "the step's peak RSS above the RSS before it (VmHWM reset by /proc/self/clear_refs; "
-            "a fresh process per row, MALLOC_MMAP_THRESHOLD_=65536 so that freed blocks leave the RSS), against "
-            "the estimate's peak above its start")
+    gpu, shape = rows[0]["gpu"], rows[0]["shape"]
+    what = ("torch.cuda.max_memory_allocated over 3 eager steps after a warm-up step, against the estimate's peak"
+            if gpu else "the step's peak RSS above the RSS before it (a second step, VmHWM reset by "
+            "/proc/self/clear_refs; a fresh process per row, MALLOC_MMAP_THRESHOLD_=65536 so that freed blocks "
+            "leave the RSS), against the estimate's peak above its start")
     lines = [
         f"## train memory: estimate against a real step ({'GPU' if gpu else 'CPU'})", "",
         f"`bench/train_memory.py --validate`: the fake-tensor estimate of one steady-state step ({rows[0]['preset']}, "
         f"{shape['batch']} images per worker, K = {shape['captions']}, {shape['global_views']} global + "
-        f"{shape['local_views']} local views, decoder at {shape['decoder_length']} tokens, {shape['workers']} "
-        f"emulated workers) against {what}. DDP buckets are left out of both.", "",
-        "| memory options | estimate GiB | measured GiB | estimate / measured | step s | command | machine | date |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"{shape['local_views']} local views, decoder at {shape['decoder_length']} tokens, rank 0 of "
+        f"{shape['workers']} emulated worker{'s' if shape['workers'] > 1 else ''}) against {what}. DDP buckets are left out of both.", "",
+        "| memory options | estimate GiB | measured GiB | estimate / measured |" + (" step s |" if gpu else "")
+        + " command | machine | date |",
+        "| --- | --- | --- | --- |" + (" --- |" if gpu else "") + " --- | --- | --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['options']} | {r['estimate']:.2f} | {r['measured']:.2f} | {r['ratio']:.2f} | "
-                     f"{r['step_s']:.1f} | `{command}` | {machine} | {date} |")
+        step = f" {r['step_s']:.2f} |" if gpu else ""
+        lines.append(f"| {r['options']} | {r['estimate']:.2f} | {r['measured']:.2f} | {r['ratio']:.2f} |{step} "
+                     f"`{command}` | {machine} | {date} |")
     report.write_section("\n".join(lines))
 
 

@@ -24,7 +24,7 @@ from tasks.overview import STAGE_ORDER
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Config YAML file.")
-PresetOpt = typer.Option(None, "--preset", "-p", help="A shipped preset (demo, open30m) instead of a file.")
+PresetOpt = typer.Option(None, "--preset", "-p", help="A shipped preset (demo, open30m, open30m-80gb) instead of a file.")
 SetOpt = typer.Option([], "--set", "-s", help="Override a config key: dotted.key=value (repeatable).")
 ForceOpt = typer.Option(False, "--force", help="Redo shards already done with the same config.")
 
