@@ -8,9 +8,10 @@
   P_t = softmax((z_t - c) / tau_t) on the G global views, log P_s = log_softmax(z_s / tau_s)
   on all V = G + L views, L = mean over images and pairs (g, v != g) of CE(P_t(g), P_s(v));
   centers c <- 0.9 c + 0.1 mean(z_t), all-reduced.
-- `distillation_health`: per branch, the teacher's mean entropy as a fraction of ln P, KL(P_t || P_s)
-  and the center's norm; uniform collapse shows as entropy -> 1 (L_sd -> ln P, KL -> 0),
-  one-prototype collapse as entropy -> 0.
+- `distillation_health`: per branch, the teacher's mean entropy as a fraction of ln P, the entropy
+  of its batch-mean distribution (how evenly the batch uses the prototypes), KL(P_t || P_s) and
+  the center's norm; uniform collapse shows as entropy -> 1 (L_sd -> ln P, KL -> 0), one-prototype
+  collapse as both entropies -> 0; healthy is a low entropy with a high batch entropy.
 - `DINOHead.prototypes` is DINO's `last_layer`: `GoldiCLIP.drop_frozen_gradients` leaves it
   untouched for the first `freeze_last_layer_steps` steps (DINO's `freeze_last_layer`).
 
@@ -150,9 +151,12 @@ def distillation_health(*, teacher_probs: torch.Tensor, loss: torch.Tensor, cent
     Every teacher view meets the same number of student views, so the mean KL over pairs is the
     mean CE minus the teacher's mean entropy.
     """
+    log_prototypes = math.log(teacher_probs.shape[-1])
     entropy = -torch.special.xlogy(teacher_probs, teacher_probs).sum(-1).mean()
-    return {"teacher_entropy_frac": entropy / math.log(teacher_probs.shape[-1]), "kl": loss.detach() - entropy,
-            "center_norm": center.norm()}
+    batch_probs = teacher_probs.flatten(0, 1).mean(0)  # (P,)
+    batch_entropy = -torch.special.xlogy(batch_probs, batch_probs).sum()
+    return {"teacher_entropy_frac": entropy / log_prototypes, "teacher_batch_entropy_frac": batch_entropy / log_prototypes,
+            "kl": loss.detach() - entropy, "center_norm": center.norm()}
 
 
 def ema_momentum(config: DistillConfig, step: torch.Tensor) -> torch.Tensor:

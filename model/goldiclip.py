@@ -26,7 +26,7 @@ checkpointing of the towers and the decoder, the pooling and the DINO heads in c
 `forward` returns (total loss, metrics): detached scalar tensors named `loss/<name>`,
 `log_var/<name>`, `weight/<name>` (see `weighting.py`) plus the retrieval and distillation
 parts, the logit scale and bias, and the distillation health per branch (`sd_ta/teacher_entropy_frac`,
-`sd_ta/kl`, `sd_ta/center_norm`, the same for `sd_tc`). Around each optimiser step: before it
+`sd_ta/teacher_batch_entropy_frac`, `sd_ta/kl`, `sd_ta/center_norm`, the same for `sd_tc`). Around each optimiser step: before it
 `drop_frozen_gradients(step)`, after it `clamp_parameters()` and `update_teacher()`.
 
 Evaluation: `encode_image`, `encode_text`, and `score`/`score_features`, which return a

@@ -8,6 +8,12 @@ on a terminal, and a log line at most every minute or 10% of the shards), and
 publishes counts and failures by reason as table artifacts. A shard that fails
 does not stop the others; the flow fails at the end, naming them, after every
 finished shard has been recorded.
+
+Two runs of a stage at once (two deployment runs, a deployment run and a CLI run):
+a shard another live run holds (its lease, ``tasks.lease``) is passed over, and once
+every other shard is finished the flow runs a second task for it that waits until
+that run records it (then it is a skip), or lets go of it or dies (then it is
+processed here). The counts table says which node ran each shard.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from tqdm import tqdm
 from pipelines.overview import OverviewRefresher
 from tasks.annotate.gallery import write_gallery
 from tasks.progress import LogThrottle, ShardProgress
+from tasks.lease import describe_holder
 from tasks.ray_actors import ShardActorPool, shard_runner
 from tasks.stage import ShardResult, Stage
 
@@ -42,15 +49,20 @@ def _retry_on_io_error(task, task_run, state) -> bool:
     return False
 
 
-def shard_task(stage: Stage, runner: Stage | ShardActorPool):
+def shard_task(stage: Stage, runner: Stage | ShardActorPool, *, wait: bool = False):
     """The stage's Prefect task (``download_shard``, ``detect_boxes``, ...) over plain parameters.
 
     The stage and its runner (the stage itself, or a Ray actor pool) are bound here, so a
     task run's parameters are just the shard and ``force`` and its name says what ran.
+    ``wait``: a shard another run holds is waited for (else it is returned as held, at once).
     """
 
     def run(shard: str, force: bool) -> ShardResult:
-        result = runner.run_shard(shard, force=force)
+        result = runner.run_shard(shard, force=force, wait=wait)
+        if result.held_by is not None:
+            get_run_logger().info("%s shard %s held by %s; coming back to it after the other shards",
+                                  stage.name, shard, describe_holder(result.held_by))
+            return result
         failed = sum(result.failures.values())
         get_run_logger().info(
             "%s shard %s: %s; %d failed %s in %.1fs",
@@ -85,8 +97,15 @@ def run_throughput(stage: Stage, summary: dict, wall_seconds: float) -> float | 
     return _rate(sum(summary["shards"][s]["counts"].get(unit, 0) for s in processed), wall_seconds)
 
 
+def node_label(node: dict | None) -> str:
+    """Where a shard ran, short: ``<address or host>:<pid>`` ("" for records without it)."""
+    if not node:
+        return ""
+    return f"{node.get('ip') or node.get('host') or '?'}:{node.get('pid', '?')}"
+
+
 def publish_summary(stage: Stage, summary: dict, failed_shards: dict[str, str], wall_seconds: float) -> None:
-    """The counts table (per shard, with the stage's rate) and the failures-by-reason table."""
+    """The counts table (per shard, with the stage's rate and node) and the failures-by-reason table."""
     shards = summary["shards"]
     count_names = sorted({k for rec in shards.values() for k in rec["counts"]})
     rows = []
@@ -94,15 +113,16 @@ def publish_summary(stage: Stage, summary: dict, failed_shards: dict[str, str], 
         status = "skipped (done)" if name in summary["last_run"]["skipped"] else "processed"
         rows.append(
             {"shard": name, "status": status, **{k: rec["counts"].get(k, 0) for k in count_names},
-             "failed": sum(rec["failures"].values()), "seconds": rec["seconds"]}
+             "failed": sum(rec["failures"].values()), "seconds": rec["seconds"], "node": node_label(rec.get("node"))}
         )
     for name, err in sorted(failed_shards.items()):
         rows.append({"shard": name, "status": f"error: {err[:200]}", **dict.fromkeys(count_names, 0),
-                     "failed": 0, "seconds": 0})
+                     "failed": 0, "seconds": 0, "node": ""})
     rows.append(
         {"shard": "total", "status": f"{summary['num_shards_done']} done",
          **{k: summary["counts"].get(k, 0) for k in count_names},
-         "failed": sum(summary["failures"].values()), "seconds": summary["seconds"]}
+         "failed": sum(summary["failures"].values()), "seconds": summary["seconds"],
+         "node": f"{len({node_label(r.get('node')) for r in shards.values()} - {''})} nodes/processes"}
     )
     description = f"{stage.name}: counts per shard"
     if unit := stage.throughput_count:
@@ -146,27 +166,38 @@ def run_stage_flow(stage: Stage, *, force: bool = False) -> dict:
         logger.info("%s: %d shards on %d Ray actors", stage.name, len(pending), pool.size)
     try:
         with ThreadPoolTaskRunner(max_workers=pool.size if pool else stage.parallel_shards) as task_runner:
-            run_shard = shard_task(stage, runner)
-            futures = {
-                task_runner.submit(run_shard.with_options(task_run_name=f"{stage.task_name}-{s}"),
-                                   {"shard": s, "force": force}): s
-                for s in pending
-            }
-            for future in as_completed(list(futures)):
-                shard = futures[future]
-                try:
-                    results.append(future.result())
-                except Exception as e:  # recorded and re-raised below, after the summary
-                    failed[shard] = f"{type(e).__name__}: {e}"
-                    logger.error("%s shard %s failed: %s", stage.name, shard, failed[shard])
-                progress.add(None if shard in failed else results[-1].counts)
-                bar.set_postfix_str(progress.rate(), refresh=False)
-                bar.update(1)
-                finished = len(results) + len(failed)
-                if log_throttle.ready(finished, len(shards)):  # the UI's and a non-terminal's progress
-                    logger.info("%s", progress.line())
-                update_progress_artifact(progress_id, 100.0 * finished / max(len(shards), 1))
-                refresh_overview()
+            # First every shard no other run holds; then, waiting, those another run held.
+            held: list[str] = []
+            for wait, batch, suffix in ((False, pending, ""), (True, held, "-held")):
+                run_shard = shard_task(stage, runner, wait=wait)
+                futures = {
+                    task_runner.submit(run_shard.with_options(task_run_name=f"{stage.task_name}-{s}{suffix}"),
+                                       {"shard": s, "force": force}): s
+                    for s in batch
+                }
+                for future in as_completed(list(futures)):
+                    shard = futures[future]
+                    try:
+                        result = future.result()
+                    except Exception as e:  # recorded and re-raised below, after the summary
+                        failed[shard] = f"{type(e).__name__}: {e}"
+                        logger.error("%s shard %s failed: %s", stage.name, shard, failed[shard])
+                    else:
+                        if result.held_by is not None:
+                            held.append(shard)
+                            continue
+                        results.append(result)
+                    progress.add(None if shard in failed else results[-1].counts)
+                    bar.set_postfix_str(progress.rate(), refresh=False)
+                    bar.update(1)
+                    finished = len(results) + len(failed)
+                    if log_throttle.ready(finished, len(shards)):  # the UI's and a non-terminal's progress
+                        logger.info("%s", progress.line())
+                    update_progress_artifact(progress_id, 100.0 * finished / max(len(shards), 1))
+                    refresh_overview()
+                if held and not wait:
+                    logger.warning("%s: %d shard(s) held by another run (%s), waiting for them", stage.name,
+                                   len(held), ", ".join(sorted(held)))
         extra = {"actors": pool.describe()} if pool else None
     finally:
         if pool:

@@ -6,7 +6,9 @@ claims outputs that are missing. ``outputs`` holds each output file's path under
 the root, size and checksum (``storage.integrity``), so anyone can tell whether the
 files are still the ones written. A reader that finds one damaged *invalidates*
 the record (``done: false`` and why, in ``invalidated``): the stage redoes the shard
-on its next run. ``_stages/<stage>.json`` summarises them.
+on its next run. ``node`` says where the shard ran (Ray node, address, host, process).
+``_stages/<stage>.json`` summarises them. Fields added later have defaults, so older
+records still load.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class ShardRecord:
     outputs: dict[str, dict] = field(default_factory=dict)
     # Why the record no longer vouches for its outputs (a damaged file found by a reader).
     invalidated: str | None = None
+    # Where the shard ran: {"node_id": Ray node id or "local", "ip", "host", "pid"}; None in
+    # records written before nodes were recorded.
+    node: dict | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> ShardRecord:

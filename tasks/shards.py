@@ -140,6 +140,10 @@ class TrainingShardsStage(Stage):
         remove_stale_temporaries(self.layout.train_dir)
         self._remove_outputs_beyond(len(self.plan))
 
+    def prepare_worker(self) -> None:
+        """A Ray actor's copy: the plan is read on first use; cleaning up is the flow's ``prepare``
+        alone (here it would delete the temporaries of shards other actors are writing)."""
+
     def _remove_outputs_beyond(self, num_outputs: int) -> None:
         """Outputs of an earlier, larger plan would be read as training data: delete them, record first."""
         for shard in self.layout.list_shards(self.layout.train_dir, ".tar"):

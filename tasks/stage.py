@@ -19,11 +19,20 @@ a mismatch invalidates the upstream record, so its stage redoes that shard on it
 next run, and fails this shard with ``InputDamaged`` naming the file. A shard about to
 be skipped checks its own outputs' sizes (one stat each) and is redone when one is
 missing or cut short.
+
+Concurrency: a shard is processed under a lease on storage (``tasks.lease``), so two runs
+of a stage at once never process the same shard: ``run_shard(wait=False)`` answers a
+shard another live run holds with a result whose ``held_by`` names that run, and the
+orchestrator (``run_stage``, the flow) comes back to it with ``wait=True`` after the other
+shards: it then waits until the holder records it (a skip) or its lease goes stale.
+Each record says where the shard ran (``node``: Ray node, address, host and pid).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -33,6 +42,7 @@ from typing import Any, ClassVar
 from storage import DatasetLayout, ShardRecord, StageRecords
 from storage.integrity import FileDigest, file_digest, file_problem
 from tasks.config import PipelineConfig, Section, fingerprint
+from tasks.lease import ShardLeases, describe_holder, new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +84,16 @@ class ShardResult:
     counts: dict[str, int]
     failures: dict[str, int]
     seconds: float
+    # Where it ran: {"node_id", "ip", "host", "pid"} (node_id "local" outside Ray); None for records
+    # written before nodes were recorded.
+    node: dict | None = None
+    # Not run: another live run holds the shard's lease (who: run_id, host, pid, renewed_at).
+    held_by: dict | None = None
+
+
+def local_node() -> dict:
+    """Where this process runs, for shard records (a Ray actor reports its node instead)."""
+    return {"node_id": "local", "ip": None, "host": socket.gethostname(), "pid": os.getpid()}
 
 
 class Stage(ABC):
@@ -100,6 +120,40 @@ class Stage(ABC):
         self.config = config
         self.layout = DatasetLayout(config.dataset.root)
         self.records = StageRecords(self.layout, self.name)
+
+    # The run this stage object works for: one id and start time shared by the flow and its Ray
+    # actors (``join_run``), so their leases are one run's and a retry can take over its own.
+    @property
+    def run_id(self) -> str:
+        if "_run_id" not in self.__dict__:
+            self._run_id = new_run_id()
+        return self._run_id
+
+    @property
+    def run_started(self) -> float:
+        if "_run_started" not in self.__dict__:
+            self._run_started = time.time()
+        return self._run_started
+
+    def join_run(self, run_id: str, run_started: float, node: dict | None = None) -> None:
+        """Work for the run of another copy of this stage (a Ray actor's copy, for the flow's run)."""
+        self._run_id, self._run_started = run_id, run_started
+        self._node = node
+
+    def node(self) -> dict:
+        return getattr(self, "_node", None) or local_node()
+
+    @property
+    def leases(self) -> ShardLeases:
+        return ShardLeases(self.layout, self.name, self.run_id, self.config.dataset.lease_ttl_s,
+                           {"node_id": self.node()["node_id"]})
+
+    def prepare_worker(self) -> None:
+        """Make a copy of the stage built elsewhere (a Ray actor) ready for shards, after the flow's
+        ``prepare``: by default ``prepare`` again, which finds its once-per-run work done and reads
+        its result back (the URL split, the caption partition) or loads what ``process`` uses (a
+        model). A stage whose ``prepare`` must run only once per run overrides this."""
+        self.prepare()
 
     @property
     @abstractmethod
@@ -230,10 +284,49 @@ class Stage(ABC):
             outputs[name] = {"path": self.layout.relative(url), **digest.as_dict()}
         return outputs
 
-    def run_shard(self, shard: str, *, force: bool = False) -> ShardResult:
+    def finished_record(self, shard: str, fp: str, force: bool) -> ShardRecord | None:
+        """The record of ``shard`` if it needs no work: done with ``fp`` (under ``force``: done by
+        another run since this run began)."""
+        rec = self.done_record(shard, fp)
+        if rec is not None and force and rec.finished_at < self.run_started:
+            return None
+        return rec
+
+    def run_shard(self, shard: str, *, force: bool = False, wait: bool = True) -> ShardResult:
+        """Skip ``shard`` if done, else process and record it under its lease.
+
+        Held by another live run: ``wait=False`` returns at once (``held_by`` says who);
+        ``wait=True`` waits until that run records it (then it is a skip), fails or dies.
+        """
         fp = self.fingerprint(shard)
         if not force and (rec := self.done_record(shard, fp)) is not None:
-            return ShardResult(shard, True, rec.counts, rec.failures, rec.seconds)
+            return self._skipped(rec)
+        leases = self.leases
+        lease, holder = leases.try_acquire(shard)
+        logged = 0.0
+        poll = min(2.0, max(0.2, leases.ttl_s / 10))
+        while lease is None:
+            if not wait:
+                log.info("%s shard %s held by %s; later", self.name, shard, describe_holder(holder))
+                return ShardResult(shard, True, {}, {}, 0.0, held_by=holder)
+            if time.monotonic() - logged > 60:
+                log.warning("%s shard %s held by %s, waiting (taken over once its lease is %.0fs old)",
+                            self.name, shard, describe_holder(holder), leases.ttl_s)
+                logged = time.monotonic()
+            time.sleep(poll)
+            if (rec := self.finished_record(shard, fp, force)) is not None:
+                return self._skipped(rec)
+            lease, holder = leases.try_acquire(shard)
+        with lease:
+            # Another run may have recorded it between the check above and the lease.
+            if (rec := self.finished_record(shard, fp, force)) is not None:
+                return self._skipped(rec)
+            return self._process_shard(shard, fp, force)
+
+    def _skipped(self, rec: ShardRecord) -> ShardResult:
+        return ShardResult(rec.shard, True, rec.counts, rec.failures, rec.seconds, node=rec.node)
+
+    def _process_shard(self, shard: str, fp: str, force: bool) -> ShardResult:
         self.verify_inputs(shard)
         start = time.perf_counter()
         if force:
@@ -241,10 +334,11 @@ class Stage(ABC):
         outcome = self.process(shard)
         seconds = round(time.perf_counter() - start, 3)
         outputs = self.record_outputs(shard)
+        node = self.node()
         # The record is written last: it only ever claims outputs already in place.
         self.records.put(ShardRecord(shard, fp, dict(outcome.counts), dict(outcome.failures), seconds,
-                                     outputs=outputs))
-        return ShardResult(shard, False, dict(outcome.counts), dict(outcome.failures), seconds)
+                                     outputs=outputs, node=node))
+        return ShardResult(shard, False, dict(outcome.counts), dict(outcome.failures), seconds, node=node)
 
     def pending(self, *, force: bool = False) -> list[str]:
         shards = self.list_shards()
@@ -267,7 +361,12 @@ class Stage(ABC):
 
 
 def run_stage(stage: Stage, *, force: bool = False) -> dict:
-    """Run every shard in this process, one after another (tests, debugging)."""
+    """Run every shard in this process, one after another (tests, debugging); shards another
+    run holds come last, once that run has recorded them (or let go of them)."""
     stage.prepare()
-    results = [stage.run_shard(s, force=force) for s in stage.list_shards()]
+    results, held = [], []
+    for s in stage.list_shards():
+        result = stage.run_shard(s, force=force, wait=False)
+        (held if result.held_by else results).append(result)
+    results += [stage.run_shard(r.shard, force=force) for r in held]
     return stage.summarize(results)

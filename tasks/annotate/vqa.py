@@ -10,7 +10,9 @@ has no pairs (``no_short_caption``, ``request_failed``, ``unparseable``,
 
 With a managed server (``vqa.openai.server``) the servers live as long as
 ``VqaStage.serving()``: the flow wraps the whole stage in it, so they start once,
-serve every shard, and are stopped even when the stage fails.
+serve every shard, and are stopped even when the stage fails. With
+``vqa.openai.server.placement: ray`` they are Ray actors' servers on the cluster's
+nodes (``tasks/annotate/vqa_servers.py``); a dead one's requests go to the others.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from storage.tables import CAPTIONERS
 from tasks.config import VqaConfig
 from tasks.stage import ShardOutcome, Stage
 from tasks.annotate.vqa_backends import Completion, ManagedServers, OpenAIBackend, TransformersBackend
+from tasks.annotate.vqa_servers import RayServers
 from tasks.annotate.vqa_parse import build_messages, parse_qa
 
 
@@ -39,7 +42,7 @@ class VqaStage(Stage):
 
     def __init__(self, config):
         super().__init__(config)
-        self.servers: ManagedServers | None = None
+        self.servers: ManagedServers | RayServers | None = None
         self._backend = None
         self._lock = threading.Lock()
 
@@ -57,7 +60,10 @@ class VqaStage(Stage):
         if not self.managed:
             yield self
             return
-        with ManagedServers(self.section.openai.server, self.section.model) as servers:
+        server = self.section.openai.server
+        servers = (RayServers(server, self.section.model, self.config.ray) if server.placement == "ray"
+                   else ManagedServers(server, self.section.model))
+        with servers:
             self.servers = servers
             try:
                 yield self
@@ -125,5 +131,8 @@ class VqaStage(Stage):
         cfg = self.section
         if cfg.backend == "transformers":
             return {"model": cfg.model, "backend": "transformers (in-process)"}
-        servers = "managed" if self.managed else cfg.openai.base_urls
+        if not self.managed:
+            servers = cfg.openai.base_urls
+        else:
+            servers = "managed on ray" if cfg.openai.server.placement == "ray" else "managed"
         return {"model": cfg.model, "backend": "openai", "servers": servers}

@@ -10,6 +10,15 @@ backoff on 429, 5xx, timeouts and connection errors (honouring Retry-After), and
 the JSON schema requested the way the config says (OpenAI ``response_format`` or
 vLLM's ``structured_outputs``).
 
+A server that looks dead is taken out of the rotation: when a request to it fails
+at the connection level (refused, reset, dropped mid-answer, connect timeout) and
+its ``GET /health`` does not answer either, it is marked down, the request goes
+at once to another server (without using up a retry while other servers are up),
+and no request is sent to it until a ``/health`` probe every ``reprobe_s``
+answers again. So a server or node that dies mid-stage costs only the requests
+it had in flight, and those are answered by the others. The mark is kept per
+backend, across shards.
+
 Failing a whole shard instead of writing one full of failures: a request that
 still fails after its retries because no working server answered (connection
 error, timeout, 429/5xx) is a *transport* failure. When transport failures
@@ -23,7 +32,8 @@ failures (a 400 for one prompt, a malformed response body) are only counted.
 ``ManagedServers`` starts the server command(s) itself, each in its own process
 group with its log in a file, waits for ``GET /health`` to return 200, and stops
 the whole group (SIGTERM, then SIGKILL) when the stage ends, fails or is
-interrupted.
+interrupted. ``tasks/annotate/vqa_servers.py`` does the same on a Ray cluster
+(``vqa.openai.server.placement: ray``).
 """
 
 from __future__ import annotations
@@ -40,9 +50,11 @@ import shlex
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +67,8 @@ from tasks.annotate.vqa_parse import QA_SCHEMA
 log = logging.getLogger(__name__)
 
 ABORT_MIN_FINISHED = 16
+CONNECT_TIMEOUT_S = 10.0  # a node that is gone does not refuse a connection, it never answers
+HEALTH_TIMEOUT_S = 3.0
 
 
 class VqaServerUnavailable(ConnectionError):
@@ -82,7 +96,10 @@ def structured_output_fields(mode: str) -> dict:
 
 class _Server:
     def __init__(self, base_url: str):
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
+        root = self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+        self.health_url = root + "/health"  # vLLM serves it at the root, next to /v1
         self.in_flight = 0
 
 
@@ -90,9 +107,20 @@ class OpenAIBackend:
     def __init__(self, cfg: VqaConfig, base_urls: list[str], server_dead: Callable[[], str | None] = lambda: None):
         self.cfg = cfg
         self.ocfg = cfg.openai
-        self.base_urls = list(base_urls)
+        self.base_urls = [u.rstrip("/") for u in base_urls]
         self.server_dead = server_dead
         self._rr = itertools.count()
+        self._lock = threading.Lock()  # shards in parallel threads share the marks and the counts
+        self.down: dict[str, float] = {}  # base URL -> when it was last found dead (monotonic)
+        # Per base URL: sent, answered, connection_errors, marked_down, sent_while_down (for logs and tests).
+        self.stats: dict[str, Counter] = {u: Counter() for u in self.base_urls}
+
+    def _count(self, server: _Server, what: str) -> None:
+        with self._lock:
+            self.stats.setdefault(server.base_url, Counter())[what] += 1
+
+    def is_down(self, server: _Server) -> bool:
+        return server.base_url in self.down
 
     def request_body(self, messages: list[dict]) -> dict:
         return {"model": self.cfg.model, "messages": messages, "max_tokens": self.cfg.max_new_tokens,
@@ -103,6 +131,7 @@ class OpenAIBackend:
 
     def _pick(self, servers: list[_Server]) -> _Server:
         turn = next(self._rr)
+        servers = [s for s in servers if not self.is_down(s)] or servers  # all down: try them anyway (fails fast)
         if self.ocfg.load_balance == "round_robin":
             return servers[turn % len(servers)]
         rotated = servers[turn % len(servers):] + servers[: turn % len(servers)]  # ties: rotate
@@ -130,13 +159,57 @@ class OpenAIBackend:
         async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
             tasks = [asyncio.create_task(one(m)) for m in chats]
             gathered = asyncio.gather(*tasks)
-            await asyncio.wait([gathered, abort], return_when=asyncio.FIRST_COMPLETED)
+            reprobe = asyncio.create_task(self._reprobe(session, servers))
+            try:
+                await asyncio.wait([gathered, abort], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                reprobe.cancel()
             if abort.done():
                 gathered.cancel()  # cancels every request; awaiting it retrieves the CancelledError
                 with contextlib.suppress(asyncio.CancelledError):
                     await gathered
                 raise VqaServerUnavailable(abort.result())
             return gathered.result()
+
+    async def _alive(self, session, server: _Server) -> bool:
+        """Does the server answer ``GET /health`` at all (any status below 500: a server without /health counts)?"""
+        timeout = aiohttp.ClientTimeout(total=min(HEALTH_TIMEOUT_S, self.ocfg.timeout_s))
+        try:
+            async with session.get(server.health_url, timeout=timeout) as resp:
+                return resp.status < 500
+        except (asyncio.TimeoutError, aiohttp.ClientError):
+            return False
+
+    async def _suspect(self, session, server: _Server) -> bool:
+        """After a connection-level failure: mark the server down unless /health shows it alive; True if down."""
+        if self.is_down(server):
+            return True
+        if await self._alive(session, server):
+            return False
+        with self._lock:
+            newly = server.base_url not in self.down
+            self.down[server.base_url] = time.monotonic()
+        if newly:
+            self._count(server, "marked_down")
+            log.warning("vqa server %s marked down (connection failed, /health not answering); its requests go "
+                        "to the other servers, /health probed every %ss", server.base_url, self.ocfg.reprobe_s)
+        return True
+
+    async def _reprobe(self, session, servers: list[_Server]) -> None:
+        """While the shard runs: probe each down server's /health every ``reprobe_s``; one that answers is back."""
+        while True:
+            await asyncio.sleep(min(1.0, self.ocfg.reprobe_s))
+            for server in servers:
+                since = self.down.get(server.base_url)
+                if since is None or time.monotonic() - since < self.ocfg.reprobe_s:
+                    continue
+                if await self._alive(session, server):
+                    with self._lock:
+                        self.down.pop(server.base_url, None)
+                    log.warning("vqa server %s answers /health again; sending requests to it", server.base_url)
+                else:
+                    with self._lock:
+                        self.down[server.base_url] = time.monotonic()
 
     def _abort_reason(self, failed: int, finished: int, total: int, last: Completion) -> str | None:
         dead = self.server_dead()
@@ -151,29 +224,54 @@ class OpenAIBackend:
     async def _request(self, session, servers, limit, body) -> Completion:
         detail = ""
         attempts = self.ocfg.retries + 1
-        timeout = aiohttp.ClientTimeout(total=self.ocfg.timeout_s)
-        for attempt in range(attempts):
+        moves = len(servers) - 1  # re-sends to another server after one is found dead: free, not a retry
+        timeout = aiohttp.ClientTimeout(total=self.ocfg.timeout_s, sock_connect=min(CONNECT_TIMEOUT_S,
+                                                                                    self.ocfg.timeout_s))
+        attempt = 0
+        while True:
             retry_after = None
+            suspect = False
             async with limit:
                 server = self._pick(servers)
                 server.in_flight += 1
+                self._count(server, "sent")
+                if self.is_down(server):
+                    self._count(server, "sent_while_down")  # only when every server is down
                 try:
                     async with session.post(server.url, json=body, timeout=timeout) as resp:
                         if resp.status == 200:
-                            return self._completion(await resp.read())
+                            payload = await resp.read()
+                            self._count(server, "answered")
+                            if self.is_down(server):  # every server was down and this one answered
+                                with self._lock:
+                                    self.down.pop(server.base_url, None)
+                            return self._completion(payload)
                         text = (await resp.text(errors="replace"))[:200]
                         detail = f"HTTP {resp.status} from {server.url}: {text}"
                         if resp.status != 429 and resp.status < 500:
                             return Completion(None, "request_failed", detail)
                         retry_after = resp.headers.get("Retry-After")
+                except aiohttp.ConnectionTimeoutError as e:  # before ServerTimeoutError, its base class
+                    detail, suspect = f"connect timeout from {server.url}: {e}", True
                 except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
                     detail = f"timeout after {self.ocfg.timeout_s}s from {server.url}"
-                except aiohttp.ClientError as e:  # refused, reset, disconnected, payload errors
+                except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                        aiohttp.ClientPayloadError) as e:  # refused, reset, dropped mid-answer
+                    detail, suspect = f"{type(e).__name__} from {server.url}: {e}", True
+                except aiohttp.ClientError as e:
                     detail = f"{type(e).__name__} from {server.url}: {e}"
                 finally:
                     server.in_flight -= 1
-            if attempt + 1 < attempts:
-                await asyncio.sleep(self._delay(attempt, retry_after))
+            if suspect:
+                self._count(server, "connection_errors")
+                if (await self._suspect(session, server) and moves > 0
+                        and any(not self.is_down(s) for s in servers)):
+                    moves -= 1
+                    continue  # straight to a live server
+            attempt += 1
+            if attempt >= attempts:
+                break
+            await asyncio.sleep(self._delay(attempt - 1, retry_after))
         return Completion(None, "request_failed", f"{detail} (after {attempts} attempts)", transport=True)
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:

@@ -40,11 +40,38 @@ class BoxesConfig(Section):
     actors: ActorPoolConfig = ActorPoolConfig()
 
 
+class RayServerPlacementConfig(Section):
+    """Where ``placement: ray`` puts the servers: Ray actors pinned to the cluster's nodes, one per server."""
+
+    num_gpus_per_server: float = Field(
+        default=1.0, ge=0,
+        description="GPUs each server's actor reserves; the server sees them as CUDA_VISIBLE_DEVICES (and {gpus}). "
+        "0: a CPU server (tests, the CPU build of vLLM).",
+    )
+    num_cpus_per_server: float = Field(default=1.0, gt=0, description="CPUs each server's actor reserves.")
+    servers_per_node: int | None = Field(
+        default=None, ge=1,
+        description="Servers on each chosen node; None: the node's GPUs // num_gpus_per_server (one per GPU).",
+    )
+    node_resource: str | None = Field(
+        default=None,
+        description="Only nodes that have this Ray resource (a custom `--resources='{\"vllm\": 1}'` of `ray start`, "
+        "or e.g. `accelerator_type:H200`); None: every alive node with enough GPUs.",
+    )
+
+    @model_validator(mode="after")
+    def _count_needs_gpus_or_a_number(self) -> RayServerPlacementConfig:
+        if self.num_gpus_per_server == 0 and self.servers_per_node is None:
+            raise ValueError("num_gpus_per_server: 0 (CPU servers) needs servers_per_node (how many per node)")
+        return self
+
+
 class ManagedServerConfig(Section):
     """An OpenAI-compatible server the vqa stage starts and stops itself (e.g. ``vllm serve``)."""
 
     command: str = Field(
-        description="Command line; {model}, {host}, {port} and {index} (server number) are filled in.",
+        description="Command line; {model}, {host}, {port}, {index} (server number) and, with placement: ray, "
+        "{gpus} (the actor's GPU ids) are filled in.",
         examples=["vllm serve {model} --host {host} --port {port} --max-model-len 2048 --enable-prefix-caching"],
     )
     num_servers: int = Field(default=1, ge=1, description="Servers to start, each on its own port (e.g. one per GPU).")
@@ -55,7 +82,29 @@ class ManagedServerConfig(Section):
     base_port: int | None = Field(default=None, ge=1, le=65535, description="First port (then +1 per server); None: free ports.")
     startup_timeout_s: float = Field(default=900.0, gt=0, description="Wait this long for GET /health to return 200.")
     stop_timeout_s: float = Field(default=30.0, gt=0, description="SIGTERM, then SIGKILL after this long.")
-    log_dir: str | None = Field(default=None, description="Local directory for server logs (default: the temp dir).")
+    log_dir: str | None = Field(
+        default=None, description="Directory for server logs, on the node that runs the server (default: its temp dir)."
+    )
+    placement: Literal["local", "ray"] = Field(
+        default="local",
+        description="local: num_servers processes on the flow's machine; ray: one Ray actor per server on the "
+        "cluster's nodes (`ray` says which and how many), each binding its node's address.",
+    )
+    ray: RayServerPlacementConfig = RayServerPlacementConfig()
+
+    @model_validator(mode="after")
+    def _placement_fields(self) -> ManagedServerConfig:
+        if self.placement == "ray":
+            wrong = {"num_servers": "the servers per node come from vqa.openai.server.ray (servers_per_node, "
+                                    "num_gpus_per_server)",
+                     "host": "each server binds its node's address"}
+            for name, why in wrong.items():
+                if name in self.model_fields_set:
+                    raise ValueError(f"{name} is for placement: local; with placement: ray {why}")
+            if "CUDA_VISIBLE_DEVICES" in self.env:
+                raise ValueError("env.CUDA_VISIBLE_DEVICES: with placement: ray each server sees the GPUs Ray "
+                                 "assigned to its actor (use {gpus} in the command if it needs them)")
+        return self
 
 
 class OpenAIBackendConfig(Section):
@@ -76,6 +125,11 @@ class OpenAIBackendConfig(Section):
         default=0.5, ge=0, le=1,
         description="Fail the shard (to be retried or rerun) when more than this fraction of its requests "
         "could not reach a working server (connection errors, timeouts, 429/5xx after every retry).",
+    )
+    reprobe_s: float = Field(
+        default=10.0, gt=0,
+        description="A server that refused or dropped a connection and then failed GET /health is marked down: "
+        "no requests go to it (they are sent to the others) until a /health probe, this often, answers again.",
     )
     server: ManagedServerConfig | None = Field(default=None, description="Start and stop the server(s) in the stage.")
 
@@ -122,6 +176,7 @@ class VqaConfig(Section):
         if self.actors.executor == "ray" and self.backend != "transformers":
             raise ValueError(
                 "vqa.actors.executor: ray needs vqa.backend: transformers; with the openai backend the "
-                "servers do the GPU work (run more of them: vqa.openai.server.num_servers or base_urls)"
+                "servers do the GPU work (run more of them: vqa.openai.server.num_servers, base_urls, or "
+                "vqa.openai.server.placement: ray for servers on every GPU node of the Ray cluster)"
             )
         return self

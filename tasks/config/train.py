@@ -59,6 +59,13 @@ class TrainConfig(Section):
     num_local_views: int = Field(default=6, ge=0, description="L local crops at the preset's local size.")
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    view_color_jitter: float = Field(
+        default=0.8, ge=0, le=1,
+        description="Probability that a distillation view is colour-jittered (DINO: 0.8; brightness, contrast, "
+        "saturation, hue). Views whose content is mostly colour (the demo) need it lower: see the demo config.",
+    )
+    view_grayscale: float = Field(default=0.2, ge=0, le=1, description="Probability that a distillation view is "
+                                  "made grey (DINO: 0.2).")
     retrieval_crop_scale: tuple[float, float] = Field(
         default=(0.9, 1.0), description="Area range of the random crop scored by L_ret and read by the decoder."
     )

@@ -48,14 +48,16 @@ class ViewRecipe:
 
 
 def dino_recipes(global_size: int, local_size: int, num_global: int, num_local: int,
-                 global_scale: tuple[float, float] = (0.4, 1.0),
-                 local_scale: tuple[float, float] = (0.05, 0.4)) -> tuple[list[ViewRecipe], list[ViewRecipe]]:
+                 global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
+                 jitter: float = 0.8, grayscale: float = 0.2) -> tuple[list[ViewRecipe], list[ViewRecipe]]:
     """(global recipes, local recipes) as in DINO: the first global view always blurred, the
-    second rarely blurred and sometimes solarised (further global views alternate)."""
-    first = ViewRecipe(global_size, global_scale, blur=1.0)
-    second = ViewRecipe(global_size, global_scale, blur=0.1, solarize=0.2)
+    second rarely blurred and sometimes solarised (further global views alternate); every view
+    colour-jittered with probability `jitter` and greyed with probability `grayscale`."""
+    colour = {"jitter": jitter, "grayscale": grayscale}
+    first = ViewRecipe(global_size, global_scale, blur=1.0, **colour)
+    second = ViewRecipe(global_size, global_scale, blur=0.1, solarize=0.2, **colour)
     globals_ = [first if i % 2 == 0 else second for i in range(num_global)]
-    locals_ = [ViewRecipe(local_size, local_scale, blur=0.5) for _ in range(num_local)]
+    locals_ = [ViewRecipe(local_size, local_scale, blur=0.5, **colour) for _ in range(num_local)]
     return globals_, locals_
 
 

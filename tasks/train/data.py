@@ -9,7 +9,8 @@ A webdataset pipeline in open_clip's order, one stream per (Ray worker, DataLoad
 Per sample (METHOD.md sec. 4, 5, 7):
 - `images`: the L_ret view, a random resized crop (area in `retrieval_crop_scale`, no flip:
   captions say left and right) at the preset's image size; decoder boxes are mapped into it.
-- `global_views` / `local_views`: DINO multi-crop (tasks/train/augment.py), only when distillation is on.
+- `global_views` / `local_views`: DINO multi-crop (tasks/train/augment.py), only when distillation is on;
+  colour jitter and grayscale with the probabilities `view_color_jitter` and `view_grayscale`.
 - every view leaves as uint8 pixels; the model normalises them on its device with its own
   mean/std (`VisionTower.normalize`), a quarter of the bytes and none of the float work here.
 - K captions by FLAIR diverse sampling (`diverse_captions`) over the sentences of all seven
@@ -134,6 +135,8 @@ class SampleTransform:
     retrieval_crop_scale: tuple[float, float] = (0.9, 1.0)
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    view_color_jitter: float = 0.8
+    view_grayscale: float = 0.2
 
     @classmethod
     def from_config(cls, train: TrainConfig, model: GoldiCLIPConfig) -> SampleTransform:
@@ -142,7 +145,8 @@ class SampleTransform:
             num_captions=train.captions_per_image, num_global_views=train.num_global_views,
             num_local_views=train.num_local_views, distill=model.distill.enabled,
             retrieval_crop_scale=tuple(train.retrieval_crop_scale), global_crop_scale=tuple(train.global_crop_scale),
-            local_crop_scale=tuple(train.local_crop_scale),
+            local_crop_scale=tuple(train.local_crop_scale), view_color_jitter=train.view_color_jitter,
+            view_grayscale=train.view_grayscale,
         )
 
     def __call__(self, raw: dict, rng: random.Random) -> dict:
@@ -171,7 +175,7 @@ class SampleTransform:
         if self.distill:
             global_recipes, local_recipes = dino_recipes(
                 self.image_size, self.local_image_size, self.num_global_views, self.num_local_views,
-                self.global_crop_scale, self.local_crop_scale)
+                self.global_crop_scale, self.local_crop_scale, self.view_color_jitter, self.view_grayscale)
             sample["global_views"] = torch.stack([dino_view(image, r, rng) for r in global_recipes])  # (G, 3, H, W)
             if local_recipes:
                 sample["local_views"] = torch.stack([dino_view(image, r, rng) for r in local_recipes])  # (L, 3, h, w)

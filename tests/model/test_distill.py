@@ -121,11 +121,14 @@ def test_health_reads_uniform_and_one_hot_teachers_and_kl_matches_pairwise():
     torch.manual_seed(0)
     num_prototypes = 64
     uniform = torch.full((3, 2, num_prototypes), 1 / num_prototypes)
-    one_hot = F.one_hot(torch.randint(num_prototypes, (3, 2)), num_prototypes).float()
+    one_prototype = F.one_hot(torch.full((3, 2), 5), num_prototypes).float()  # every view on prototype 5
+    eight_prototypes = F.one_hot(torch.arange(8).view(4, 2), num_prototypes).float()  # sharp, each on its own
     center = torch.randn(1, num_prototypes)
-    for probs, fraction in ((uniform, 1.0), (one_hot, 0.0)):
+    for probs, fraction, batch_fraction in ((uniform, 1.0, 1.0), (one_prototype, 0.0, 0.0),
+                                            (eight_prototypes, 0.0, math.log(8) / math.log(num_prototypes))):
         health = distillation_health(teacher_probs=probs, loss=torch.tensor(5.0), center=center)
         assert math.isclose(health["teacher_entropy_frac"].item(), fraction, abs_tol=1e-6)
+        assert math.isclose(health["teacher_batch_entropy_frac"].item(), batch_fraction, abs_tol=1e-6)
         assert math.isclose(health["center_norm"].item(), center.norm().item(), rel_tol=1e-6)
     # KL(P_t || P_s) over the (g, v != g) pairs, one pair at a time, against L_sd - H(P_t).
     head, loss_fn = DINOHead(CONFIG, 16), DistillationLoss(CONFIG)
@@ -146,9 +149,11 @@ def test_model_logs_the_health_of_both_branches(debug_config, tokenizer):
     model = GoldiCLIP(debug_config)
     _, metrics = model(make_batch(debug_config, tokenizer))
     for branch in ("ta", "tc"):
-        names = {f"sd_{branch}/teacher_entropy_frac", f"sd_{branch}/kl", f"sd_{branch}/center_norm"}
+        names = {f"sd_{branch}/{name}" for name in ("teacher_entropy_frac", "teacher_batch_entropy_frac", "kl",
+                                                        "center_norm")}
         assert names <= set(metrics)
         assert 0.0 < metrics[f"sd_{branch}/teacher_entropy_frac"].item() <= 1.0
+        assert metrics[f"sd_{branch}/teacher_entropy_frac"] <= metrics[f"sd_{branch}/teacher_batch_entropy_frac"] + 1e-6
         assert metrics[f"sd_{branch}/kl"].item() >= -1e-5
         assert torch.isclose(metrics[f"sd_{branch}/center_norm"], model.distill_losses[branch].center.norm())
 

@@ -25,15 +25,20 @@ def test_matches_kendall_formula():
     assert math.isclose(metrics["loss/total"].item(), expected, rel_tol=1e-6)
 
 
-def test_optimising_drives_log_variances_to_log_losses():
-    weighting = UncertaintyWeighting(WeightingConfig())  # w_cap = 2: s_i* = log L_i whatever w_i
-    losses = {name: torch.tensor(value) for name, value in zip(LOSS_NAMES, (0.2, 1.0, 3.0, 7.0, 0.05, 12.0))}
+def optimise_log_vars(weighting: UncertaintyWeighting, losses: dict[str, torch.Tensor], steps: int = 1500) -> None:
+    """Adam on the log-variances alone, the losses held fixed."""
     optimizer = torch.optim.Adam(weighting.parameters(), lr=0.05)
-    for _ in range(1500):
+    for _ in range(steps):
         total, _ = weighting(losses)
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
+
+
+def test_optimising_drives_log_variances_to_log_losses():
+    weighting = UncertaintyWeighting(WeightingConfig())  # w_cap = 2: s_i* = log L_i whatever w_i
+    losses = {name: torch.tensor(value) for name, value in zip(LOSS_NAMES, (0.2, 1.0, 3.0, 7.0, 0.05, 12.0))}
+    optimise_log_vars(weighting, losses)
     for name, loss in losses.items():
         assert math.isclose(weighting.log_vars[name].item(), math.log(loss.item()), abs_tol=0.02), name
 
@@ -42,12 +47,7 @@ def settled_weights(static_weights: dict[str, float], loss: float) -> dict[str, 
     """Effective weights 0.5 exp(-s_i) w_i once every s_i has been optimised for `loss`."""
     weighting = UncertaintyWeighting(WeightingConfig(static_weights=static_weights), names=("ret", "cap"))
     losses = {"ret": torch.tensor(loss), "cap": torch.tensor(loss)}
-    optimizer = torch.optim.Adam(weighting.parameters(), lr=0.05)
-    for _ in range(1500):
-        total, _ = weighting(losses)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
+    optimise_log_vars(weighting, losses)
     _, metrics = weighting(losses)
     return {name: metrics[f"weight/{name}"].item() for name in losses}
 

@@ -139,3 +139,19 @@ def test_stage_records_and_summary(root):
 
     on_disk = read_json(layout.stage_summary("download"))
     assert json.loads(json.dumps(summary)) == on_disk
+
+
+def test_records_keep_their_node_and_older_records_without_one_still_load(tmp_path):
+    from storage import DatasetLayout, ShardRecord, StageRecords, write_json
+
+    layout = DatasetLayout(str(tmp_path))
+    records = StageRecords(layout, "phrases")
+    node = {"node_id": "ab12", "ip": "127.0.0.2", "host": "worker-1", "pid": 4242}
+    records.put(ShardRecord("00000", "fp", {"images": 3}, node=node))
+    old = {"shard": "00001", "fingerprint": "fp", "counts": {"images": 2}, "failures": {}, "seconds": 1.0,
+           "done": True, "finished_at": 0.0}  # written before nodes (and outputs) were recorded
+    write_json(layout.stage_shard_record("phrases", "00001"), old)
+    assert records.get("00000").node == node
+    assert records.get("00001").node is None and records.get("00001").counts == {"images": 2}
+    summary = records.write_summary()
+    assert summary["shards"]["00000"]["node"] == node and summary["shards"]["00001"]["node"] is None

@@ -1,8 +1,9 @@
-"""Boxes on a pool of real Ray actors (a local Ray, CPU actors, the tiny random OWLv2).
+"""Stages on a pool of real Ray actors (a local Ray, CPU actors, the tiny random OWLv2, spaCy).
 
 The actors must write what a local run writes, each load the model once for all
-the shards it takes, carry the stage's own exception types back to the flow, and
-survive a restart.
+the shards it takes, carry the stage's own exception types back to the flow,
+survive a restart, retry a shard whose actor was lost (then fail it as an OSError),
+and record where each shard ran.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import pytest
 from storage import DatasetLayout, read_table, write_table
 from tasks.annotate.boxes import BoxesStage
 from tasks.config import PipelineConfig
-from tasks.ray_actors import ShardActorPool
-from tasks.stage import run_stage
+from tasks.ray_actors import ShardActorLost, ShardActorPool
+from tasks.stage import ShardOutcome, Stage, run_stage
 from tasks.annotate.vqa_backends import free_port
 from tests.tasks.annotate.test_boxes import make_shard
 
@@ -130,6 +131,87 @@ def test_vqa_generates_on_actors_what_it_generates_in_process(prefect_harness, r
     assert sorted(s for a in summary["actors"] for s in a["shards"]) == ["00000", "00001"]
 
 
+def test_phrases_on_cpu_actors_equal_a_local_run_and_record_their_node(prefect_harness, ray_cluster, tmp_path):
+    """A CPU stage on Ray actors (each loads spaCy once): the same tables and counts as in process."""
+    from pipelines.phrases import phrases_flow
+    from tasks.annotate.phrases import PhrasesStage
+    from tests.tasks.annotate.test_phrases import _tiny_root
+
+    def config(root, executor):
+        return PipelineConfig.model_validate({"dataset": {"root": str(root)}, "phrases": {
+            "n_process": 1, "fields": ["long.LLA", "long.SV"],
+            "actors": {"executor": executor, "num_actors": 2, "num_cpus_per_actor": 1}}})
+
+    assert config(tmp_path, "ray").phrases.actors.num_gpus_per_actor == 0  # a CPU stage's default
+    for root in (tmp_path / "local", tmp_path / "ray"):
+        _tiny_root(root)
+    local = run_stage(PhrasesStage(config(tmp_path / "local", "local")))
+    summary = phrases_flow(config(tmp_path / "ray", "ray"))
+    assert summary["counts"] == local["counts"] and summary["failures"] == local["failures"]
+    for shard in ("00000", "00001"):
+        assert (read_table(DatasetLayout(str(tmp_path / "ray")).annotation("phrases", shard)).to_pylist()
+                == read_table(DatasetLayout(str(tmp_path / "local")).annotation("phrases", shard)).to_pylist())
+    # Same fingerprints: the actors prepared their stage as the flow did (spaCy's version is in it).
+    for shard in ("00000", "00001"):
+        assert summary["shards"][shard]["fingerprint"] == local["shards"][shard]["fingerprint"]
+    actors = {a["pid"]: a for a in summary["actors"]}
+    for shard, rec in summary["shards"].items():  # each record names the actor that wrote it
+        assert rec["node"]["ip"] == "127.0.0.2" and rec["node"]["node_id"] != "local"
+        assert shard in actors[rec["node"]["pid"]]["shards"]
+    assert all(rec["node"]["node_id"] == "local" for rec in local["shards"].values())
+
+
+class DyingStage(Stage):
+    """Each process call appends to a side file next to the root; the first two calls of shard
+    00000 kill their process, every call of shard 00001 does."""
+
+    name = "dying"
+    task_name = "die_or_count"
+    deaths = 2
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.side_file = os.path.join(os.path.dirname(config.dataset.root), "calls.txt")
+
+    @property
+    def section(self):
+        return self.config.dataset
+
+    def list_shards(self):
+        return ["00000", "00001"]
+
+    def process(self, shard):
+        with open(self.side_file, "a") as f:
+            f.write(f"{shard} {os.getpid()}\n")
+        calls = sum(1 for line in open(self.side_file) if line.startswith(shard))
+        if shard == "00001" or calls <= self.deaths:  # shard 00001 always kills its actor
+            os._exit(1)
+        return ShardOutcome()
+
+
+def test_a_shard_whose_actor_is_lost_is_retried_then_fails_as_an_os_error(ray_cluster, tmp_path):
+    """Ray's own task retry, then the pool's retry on another actor; past the bound: ShardActorLost."""
+    from tasks.config import ActorPoolConfig
+
+    side = tmp_path / "calls.txt"
+    config = PipelineConfig.model_validate({"dataset": {"root": str(tmp_path / "root")}})
+    stage = DyingStage(config)
+    pool = ShardActorPool(stage, ActorPoolConfig(**ACTORS, max_restarts=1))
+    try:
+        # Actor A dies twice (Ray restarts it once and retries the call), then the pool retries on B.
+        result = pool.run_shard("00000")
+        assert not result.skipped
+        calls = [line.split() for line in side.read_text().splitlines()]
+        assert [c[0] for c in calls] == ["00000"] * 3 and len({c[1] for c in calls}) == 3
+        assert result.node["pid"] == int(calls[-1][1])
+        assert stage.records.get("00000").node["pid"] == int(calls[-1][1])  # recorded once, by the survivor
+        with pytest.raises(ShardActorLost) as lost:  # every actor it reaches dies: an OSError for the flow
+            pool.run_shard("00001")
+        assert isinstance(lost.value, OSError) and stage.records.get("00001") is None
+    finally:
+        pool.close()
+
+
 def test_vqa_on_actors_needs_the_in_process_backend():
     with pytest.raises(ValueError, match="vqa.backend: transformers"):
         PipelineConfig.model_validate({"dataset": {"root": "x"}, "vqa": {"actors": {"executor": "ray"}}})
@@ -160,8 +242,12 @@ def test_local_ray_stays_on_loopback(ray_cluster):
     assert peers and all(ip.is_loopback for ip in peers), peers
 
 
-def test_joining_a_cluster_ships_the_drivers_code(tmp_path):
-    """A real Ray head (`ray start --head`), a driver that joins it: workers import the shipped copy."""
+def test_joining_a_cluster_ships_the_drivers_code_and_storage_env(tmp_path):
+    """A real Ray head (`ray start --head`), a driver that joins it: workers import the shipped copy
+    and see the driver's storage settings, which the head's own environment lacks."""
+    forwarded = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "testing",
+                 "FSSPEC_S3_ANON": "false", "HF_HUB_OFFLINE": "1"}
+    head_env = {k: v for k, v in os.environ.items() if k not in forwarded}
     port, agent_port = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="gc-ray-head-")  # short: Ray puts its sockets there
     head = subprocess.Popen(
@@ -169,7 +255,7 @@ def test_joining_a_cluster_ships_the_drivers_code(tmp_path):
          "--node-ip-address=127.0.0.2", "--num-cpus=1", "--include-dashboard=false",
          f"--dashboard-agent-listen-port={agent_port}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=head_env,
     )
     driver = textwrap.dedent(f"""
         import json, ray
@@ -180,18 +266,20 @@ def test_joining_a_cluster_ships_the_drivers_code(tmp_path):
 
         @ray.remote(num_cpus=1)
         def imported_from():
+            import os
             import model, storage, tasks
-            return [m.__file__ for m in (model, storage, tasks)]
+            return [m.__file__ for m in (model, storage, tasks)], {{k: os.environ.get(k) for k in {sorted(forwarded)!r}}}
 
         print(json.dumps(ray.get(imported_from.remote(), timeout=120)))
     """)
     try:
         done = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=240)
+                              timeout=240, env={**head_env, **forwarded})
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        files = json.loads(done.stdout.strip().splitlines()[-1])
+        files, env = json.loads(done.stdout.strip().splitlines()[-1])
         checkout = str(Path(__file__).resolve().parents[2])
         assert len(files) == 3 and all("runtime_resources" in f and not f.startswith(checkout) for f in files)
+        assert env == forwarded  # the storage endpoint and credentials reached the worker
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

@@ -223,3 +223,22 @@ def test_vqa_flow_runs_the_stage_inside_its_managed_server(tmp_path, prefect_har
     summary = vqa_flow(cfg)
     assert summary["counts"]["answered"] == 1 and summary["failures"] == {"request_failed": 1}
     assert summary["servers"] == "managed"
+
+
+def test_a_refusing_server_is_marked_down_skipped_and_used_again_once_healthy():
+    port = closed_port()
+    down_url = f"http://127.0.0.1:{port}/v1"
+    with OpenAIServer(latency_s=0.05) as up:  # the second batch takes >= 0.75 s: several /health probes
+        cfg = VqaConfig(model="m", openai={"base_urls": [down_url, up.base_url], "concurrency": 2, "retries": 0,
+                                           "reprobe_s": 0.1, **{k: v for k, v in FAST.items() if k != "retries"}})
+        backend = OpenAIBackend(cfg, cfg.openai.base_urls)
+        done = backend.complete([build_messages(f"a cat {i}") for i in range(30)])
+        # retries: 0, yet every request is answered: the refused ones moved to the live server at once
+        assert all(c.error is None for c in done)
+        refused = backend.stats[down_url]
+        assert refused["marked_down"] == 1 and refused["answered"] == 0
+        assert refused["sent"] == refused["connection_errors"] <= 4  # only those racing the mark; then skipped
+        with OpenAIServer(port=port) as back:  # the server comes back on its address
+            done = backend.complete([build_messages(f"a dog {i}") for i in range(60)])
+        assert all(c.error is None for c in done) and down_url not in backend.down
+        assert len(back.requests) > 0 and backend.stats[down_url]["answered"] == len(back.requests)

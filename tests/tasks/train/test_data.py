@@ -13,7 +13,7 @@ from model import GoldiCLIP
 from model.tasks import IGNORE_INDEX, TASKS
 from model.tokenizer import build_local_tokenizer
 from storage import ShardWriter, make_key
-from tasks.train.augment import map_box, random_resized_crop_box
+from tasks.train.augment import dino_recipes, dino_view, map_box, random_resized_crop_box
 from tasks.config import TrainConfig
 from tasks.train.loop import model_config
 from tasks.train.data import (
@@ -127,6 +127,30 @@ def test_random_resized_crop_stays_inside_and_in_scale():
         x0, y0, x1, y1 = random_resized_crop_box(300, 200, rng, (0.05, 0.4))
         assert 0 <= x0 < x1 <= 300 and 0 <= y0 < y1 <= 200
         assert (x1 - x0) * (y1 - y0) <= 0.42 * 300 * 200
+
+
+def test_view_colour_augmentations_follow_the_config(shards):
+    """`view_color_jitter` / `view_grayscale` set DINO's colour-jitter and grayscale probabilities of
+    every view; at 0 a view keeps the image's colours (the demo's setting), at DINO's 0.8 / 0.2 not."""
+    from PIL import Image
+
+    colour = torch.tensor([100, 20, 20], dtype=torch.uint8).view(3, 1, 1)  # < 128: solarize leaves it
+    image = Image.new("RGB", (64, 48), tuple(colour.flatten().tolist()))
+
+    def views(recipes):
+        rng = random.Random(0)
+        return [dino_view(image, recipe, rng) for _ in range(10) for recipe in recipes]
+
+    kept = views(sum(dino_recipes(32, 16, 2, 4, jitter=0.0, grayscale=0.0), []))
+    assert all(torch.equal(view, colour.expand_as(view)) for view in kept)
+    recipes = sum(dino_recipes(32, 16, 2, 4), [])
+    assert {(r.jitter, r.grayscale) for r in recipes} == {(0.8, 0.2)}  # DINO's
+    assert sum(not torch.equal(view, colour.expand_as(view)) for view in views(recipes)) > 20
+    config = shards[2]
+    transform = SampleTransform.from_config(TRAIN.model_copy(update={"view_color_jitter": 0.0, "view_grayscale": 0.5}),
+                                            config)
+    assert (transform.view_color_jitter, transform.view_grayscale) == (0.0, 0.5)
+    assert (SampleTransform.from_config(TRAIN, config).view_color_jitter, TRAIN.view_grayscale) == (0.8, 0.2)
 
 
 def test_corrupt_samples_are_skipped_and_counted(tmp_path, shards):

@@ -69,7 +69,8 @@ def test_a_step_in_named_pieces_trains_and_logs(tmp_path):
     assert w.data["samples_read"] == 4 and w.data["step"] == 1 and w.local_read == 0  # counted once
     assert read_metrics(w.run_dir) == [row]  # rank 0 wrote it
     # The distillation health metrics land in the row, and the report plots exactly them as health.
-    health = {f"sd_{b}/{n}" for b in ("ta", "tc") for n in ("teacher_entropy_frac", "kl", "center_norm")}
+    health = {f"sd_{b}/{n}" for b in ("ta", "tc")
+              for n in ("teacher_entropy_frac", "teacher_batch_entropy_frac", "kl", "center_norm")}
     assert {name for name in row if is_health_metric(name)} == health
     assert latest_checkpoint(w.run_dir) is None  # checkpoints come from `save_and_report`, through Ray
 
