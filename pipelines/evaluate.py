@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.common import resolve_config
+from storage.fs import markdown_link
 from tasks.config import EvalDatasetConfig, EvaluateConfig, PipelineConfig
 from tasks.evaluate.report import paper_tables
 from tasks.evaluate.stage import EvaluateStage, describe_retrieval, evaluate_one_set, metrics_path
@@ -34,7 +35,7 @@ def _evaluate_as_task(scorer, dataset: EvalDatasetConfig, config: EvaluateConfig
     return evaluate_dataset.with_options(task_run_name=f"evaluate-{dataset.name}")(scorer, dataset, config)
 
 
-def publish_metrics(metrics: dict[str, float]) -> None:
+def publish_metrics(metrics: dict[str, float], where: str = "") -> None:
     rows = []
     for name, value in metrics.items():
         set_name, mode, metric = name.split("/")
@@ -45,7 +46,8 @@ def publish_metrics(metrics: dict[str, float]) -> None:
                      "chance": round(chance, 4) if chance is not None else None,
                      "x_chance": round(value / chance, 2) if chance else None})
     create_table_artifact(rows or [{"set": "none"}], key="evaluate-metrics",
-                          description="evaluate: zero-shot retrieval (R@k) and classification (top-k) vs chance")
+                          description="evaluate: zero-shot retrieval (R@k) and classification (top-k) vs chance"
+                          + (f"; every metric in {where}" if where else ""))
 
 
 @flow(name="evaluate", log_prints=True)
@@ -63,7 +65,10 @@ def evaluate_flow(
                     metrics_path(cfg), summary["checkpoint"])
     elif summary["last_run"]["processed"]:
         logger.info("evaluate: checkpoint %s -> %s", summary["checkpoint"], metrics_path(cfg))
-    publish_metrics(summary["metrics"])
-    create_markdown_artifact(paper_tables(summary["metrics"], cfg.evaluate.datasets), key="evaluate-paper-tables",
+    publish_metrics(summary["metrics"], markdown_link(metrics_path(cfg)))
+    tables = paper_tables(summary["metrics"], cfg.evaluate.datasets)
+    create_markdown_artifact(f"Checkpoint {markdown_link(summary['checkpoint'])}; every metric in "
+                             f"{markdown_link(metrics_path(cfg))}.\n\n{tables}" if summary.get("checkpoint") else tables,
+                             key="evaluate-paper-tables",
                              description="evaluate: the paper's tables 1-4, its 30M GoldiCLIP beside ours")
     return summary

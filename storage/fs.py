@@ -5,6 +5,19 @@ place only once complete, so a run killed mid-write never leaves a partial file
 under a name a reader would take as complete (DESIGN.md, stage contract).
 On object stores a rename is a copy + delete; the final name still appears only
 after the whole object is written.
+
+Object stores (``s3://``): credentials and the endpoint come from the usual environment, never
+from the config: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (or a profile, an instance role),
+``AWS_ENDPOINT_URL`` for an S3 API other than AWS (MinIO, Ceph, a test server),
+``AWS_DEFAULT_REGION``; s3fs, boto3 and pyarrow (Ray Train's checkpoints) all read them. Other
+s3fs options may be set as ``FSSPEC_S3_<OPTION>`` variables (fsspec's own configuration; pyarrow,
+and so Ray Train, does not read those: keep the endpoint in ``AWS_ENDPOINT_URL``). Ray workers
+see them through ``tasks.ray_actors.forwarded_env``.
+
+Listings are never cached (``open_fs``): other processes write under the same prefixes (Ray
+Train workers write checkpoints, download processes write shards, a second run takes leases),
+and s3fs would otherwise answer ``ls``/``exists`` from its first listing of a directory, so a
+checkpoint or shard written since by another process would be missed.
 """
 
 from __future__ import annotations
@@ -24,9 +37,12 @@ from fsspec.core import url_to_fs
 TMP_MARKER = ".tmp-"
 
 
+PUBLIC_URL_ENV = "GOLDICLIP_STORAGE_PUBLIC_URL"
+
+
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the path inside it for ``url``."""
-    return url_to_fs(url)
+    """The filesystem and the path inside it for ``url``; its listings are not cached (module docstring)."""
+    return url_to_fs(url, use_listings_cache=False)
 
 
 def join(root: str, *parts: str) -> str:
@@ -149,3 +165,30 @@ def staged_dir(url: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="goldiclip-stage-") as tmp:
         yield tmp
         put_dir(tmp, url)
+
+
+def public_url(url: str) -> str | None:
+    """An address a person can open in a browser for ``url`` on an object store, or None.
+
+    Only when ``GOLDICLIP_STORAGE_PUBLIC_URL`` says where the store is served: a template with
+    ``{bucket}`` and ``{key}`` (e.g. ``https://{bucket}.s3.amazonaws.com/{key}``, or a console or
+    CDN address), or a base URL that ``<bucket>/<key>`` is appended to (path-style, e.g.
+    ``https://minio.example.org``). Not derived from ``AWS_ENDPOINT_URL``: objects are private by
+    default, so an endpoint URL would answer 403 to a browser, and a presigned URL expires while
+    a Prefect artifact stays. Local paths get none (a browser does not open ``file://`` links
+    from the Prefect UI).
+    """
+    template = os.environ.get(PUBLIC_URL_ENV, "").strip()
+    if not template or "://" not in url or local_path(url) is not None:
+        return None
+    bucket, _, key = url.split("://", 1)[1].partition("/")
+    if "{bucket}" in template or "{key}" in template:
+        return template.format(bucket=bucket, key=key)
+    return f"{template.rstrip('/')}/{bucket}/{key}"
+
+
+def markdown_link(url: str) -> str:
+    """``url`` for a Prefect artifact (markdown): the path or URI as code, which a person copies into
+    ``aws s3 cp``/``s3fs``/a file browser, plus an ``[open](...)`` link when ``public_url`` has one."""
+    link = public_url(url)
+    return f"`{url}`" + (f" ([open]({link}))" if link else "")

@@ -8,6 +8,8 @@ short and raw captions, the question-answer pairs. It is written to storage as o
 self-contained HTML page (``<root>/galleries/<stage>.html``) and returned as markdown with
 the images inline (``data:image/jpeg;base64``), which Prefect's UI renders as an artifact.
 Size is bounded: images are drawn at ``max_side`` pixels and JPEG-compressed, text is cut.
+The markdown names the HTML page on storage (``storage.fs.markdown_link``: its path or ``s3://``
+URI, and an https link when ``GOLDICLIP_STORAGE_PUBLIC_URL`` is set).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw
 
 from storage import DatasetLayout, StageRecords, atomic_write_bytes, exists, iter_shard, join, read_table
+from storage.fs import markdown_link
 
 ANNOTATION_ORDER = ("captions", "phrases", "boxes", "vqa")
 BOX_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
@@ -136,4 +139,5 @@ def write_gallery(layout: DatasetLayout, stage: str, num_samples: int = 6, seed:
     rendered = [render(s) for s in samples]
     url = join(layout.root, "galleries", f"{stage}.html")
     atomic_write_bytes(url, gallery_html(stage, samples, rendered).encode())
-    return gallery_markdown(stage, samples, rendered), url
+    title, _, rest = gallery_markdown(stage, samples, rendered).partition("\n")
+    return f"{title}\n\nThe same as one HTML page: {markdown_link(url)}\n{rest}", url

@@ -9,7 +9,9 @@ distillation health curves: every other metric whose name holds `sd_` (or starts
 `distill/`), one panel per metric with a line per branch (`ta`, `tc`), so metrics added to the
 model's outputs later appear without a change here. The PNGs are saved under `<run>/plots/` (a
 local path or any fsspec URL) and embedded in `report_markdown` as `data:image/png;base64,...`
-images (Prefect 3.8's UI renders them; a file path on the training machine it cannot open).
+images (Prefect 3.8's UI renders them; a file path on the training machine it cannot open). Files
+on storage are named with `storage.fs.markdown_link`: the path or `s3://` URI as text, and an https
+link when `GOLDICLIP_STORAGE_PUBLIC_URL` says where the store is served.
 
 Size bound: each curve is reduced to at most `MAX_POINTS` points (means of consecutive rows), the
 figures are `FIGSIZE` inches at `DPI` (560 x 280 px; the health figure at most 720 x 400 px for
@@ -33,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from storage.fs import atomic_write_bytes, exists, join, read_bytes  # noqa: E402
+from storage.fs import atomic_write_bytes, exists, join, markdown_link, read_bytes  # noqa: E402
 from tasks.progress import format_duration, time_left  # noqa: E402
 
 PLOTS_DIR = "plots"
@@ -211,18 +213,18 @@ def report_markdown(*, run_dir: str, rows: list[dict], plots: dict[str, bytes], 
                  f"about {left} left (updated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})")
     else:
         state = f"finished: step {step} of {total_steps}"
-    lines = ["# GoldiCLIP training", "", f"_{state}_", "", f"- run: `{run_dir}`",
-             f"- checkpoint: `{checkpoint or 'none yet'}`",
+    lines = ["# GoldiCLIP training", "", f"_{state}_", "", f"- run: {markdown_link(run_dir)}",
+             f"- checkpoint: {markdown_link(checkpoint) if checkpoint else '`none yet`'}",
              f"- samples seen: {last.get('samples_seen', 0):,}, corrupt samples skipped: {last.get('corrupt_samples', 0)}",
              f"- curves: at most {MAX_POINTS} points each (means of consecutive metric rows); "
-             f"every row in `{join(run_dir, 'metrics.jsonl')}`"]
+             f"every row in {markdown_link(join(run_dir, 'metrics.jsonl'))}"]
     table = ["", "| metric | last |", "| --- | --- |"]
     table += [f"| {k} | {v:.5g} |" for k, v in last.items() if isinstance(v, float)]
     budget = MAX_REPORT_BYTES - len("\n".join(lines + table).encode())
     for group, png in plots.items():
         file = join(run_dir, PLOTS_DIR, f"{group}.png")
         section = ["", f"## {PLOT_GROUPS[group][1]}", "",
-                   f"![{group}](data:image/png;base64,{base64.b64encode(png).decode()})", "", f"`{file}`"]
+                   f"![{group}](data:image/png;base64,{base64.b64encode(png).decode()})", "", markdown_link(file)]
         if len("\n".join(section)) >= budget:  # not reached by our plots (see the tests); keeps the bound if it were
             section[3] = f"(left out to keep the report under {MAX_REPORT_BYTES // 1024} KiB; the file has it)"
         budget -= len("\n".join(section).encode()) + 1

@@ -26,7 +26,7 @@ from model import get_preset
 from model.tokenizer import build_local_tokenizer
 from storage.fs import exists, join, open_fs
 from tasks.config import ConfigError, PipelineConfig, TrainConfig, fingerprint
-from tasks.ray_actors import start_ray
+from tasks.ray_actors import forwarded_env, start_ray
 from tasks.stage import SINGLE_UNIT, ShardOutcome, Stage
 from tasks.train.checkpoint import (
     CHECKPOINT_FILE,
@@ -92,7 +92,16 @@ def validate_train_config(config: PipelineConfig) -> None:
 def build_trainer(config: PipelineConfig, *, name: str, tokenizer: str, shard_urls: list[str],
                   on_step: StepHook | None = None):
     """A `TorchTrainer` for the run `name` under `<root>/runs`; `on_step(step, rank)` runs on every
-    worker after each optimiser step (tests inject faults with it)."""
+    worker after each optimiser step (tests inject faults with it).
+
+    On an object store the run's URI is Ray's `storage_path` (`s3://bucket/prefix/runs`): Ray
+    Train's controller and workers open it with pyarrow, which, like s3fs in the loop, takes the
+    credentials and `AWS_ENDPOINT_URL` from the environment. The workers get the driver's storage
+    variables (`forwarded_env`: AWS_*, FSSPEC_*, ...) as `worker_runtime_env`, whatever the
+    environment their node was started with; the controller runs on the driver's node with the
+    job's environment (inherited by a local Ray, forwarded by `start_ray` when joining a cluster).
+    Not a pyarrow filesystem object with the driver's keys: temporary credentials would expire in
+    a long run, and nodes with their own (an instance role) would not use them."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -110,7 +119,7 @@ def build_trainer(config: PipelineConfig, *, name: str, tokenizer: str, shard_ur
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=storage, worker_runtime_env={"env_vars": forwarded_env()},
             checkpoint_config=CheckpointConfig(num_to_keep=train.num_to_keep),
             failure_config=FailureConfig(max_failures=train.max_failures),
         ),
