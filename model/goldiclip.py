@@ -9,7 +9,9 @@ The training batch `forward` takes (B images on this process, K captions each):
     caption_ids          long  (B, K, T)         BOS caption EOS, right-padded (T <= context length);
                                                  no attention mask: the text encoder is causal
     global_views         uint8 (B, G, 3, H, W)   distillation only: G global crops (teacher + student)
-    local_views          uint8 (B, L, 3, h, w)   distillation only: L local crops (student)
+    local_views          uint8 (B, L, 3, h, w)   distillation only: L local crops (student); may be left
+                                                 out (L = 0): the students are then the G global views,
+                                                 each paired with the teacher's other globals (G >= 2)
                                                  (pixels 0-255, normalised on the device with the config's
                                                  mean/std; float views are taken as already normalised)
     decoder_input_ids    long  (M, S)            decoder only, from `tasks.build_decoder_batch`:
@@ -184,13 +186,18 @@ class GoldiCLIP(nn.Module):
 
     def distillation_losses(self, batch: dict[str, torch.Tensor], queries: torch.Tensor, caption_ids: torch.Tensor,
                             caption_index: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """L_sd per branch (`sd_ta`, `sd_tc`): the student sees G global + L local views, the teacher
-        the G global; and each branch's collapse diagnostics (`sd_<branch>/<name>`, `distillation_health`).
+        """L_sd per branch (`sd_ta`, `sd_tc`): the student sees G global + L local views (L may be 0),
+        the teacher the G global; and each branch's collapse diagnostics (`sd_<branch>/<name>`, `distillation_health`).
 
         queries (B*K, D): the student's pooling queries of every text of the global batch.
         """
-        global_views, local_views = batch["global_views"], batch["local_views"]
-        student_ta, student_tc = self._view_features(self.vision, self.pooling, (global_views, local_views), queries,
+        global_views, local_views = batch["global_views"], batch.get("local_views")
+        student_views = (global_views,) if local_views is None or local_views.shape[1] == 0 else (global_views,
+                                                                                                     local_views)
+        if global_views.shape[1] + sum(v.shape[1] for v in student_views[1:]) < 2:
+            raise ValueError("self-distillation pairs each student view with the teacher's other global views: it "
+                             f"needs at least 2 views, got {global_views.shape[1]} global and no local one")
+        student_ta, student_tc = self._view_features(self.vision, self.pooling, student_views, queries,
                                                      caption_index)  # (b, G+L, D) each
         teacher = self.teacher.model
         with torch.no_grad():

@@ -1,10 +1,16 @@
 """Tokenizers and the text form of boxes (paper sec. 3.3; METHOD.md sec. 1 and 5).
 
 `load_tokenizer` takes any Hugging Face tokenizer id or directory (default: CLIP's BPE).
-`build_local_tokenizer` trains a small CLIP-like BPE with the `tokenizers` library, offline,
-for tests and the demo: lower-cased, whitespace/punctuation split, `</w>` word ends, `<pad>`
-at id 0 and the start/end tokens as the two highest ids (as in CLIP, so the EOT is also the
-arg-max id). Boxes are four integers in [0, 999] of the image size, written "x0 y0 x1 y1".
+`build_local_tokenizer` trains a small CLIP-like BPE offline, for tests and the demo:
+lower-cased, whitespace/punctuation split, `</w>` word ends, `<pad>` at id 0 and the start/end
+tokens as the two highest ids (as in CLIP, so the EOT is also the arg-max id). The merges are
+learnt here (`train_bpe`), not by the `tokenizers` library's `BpeTrainer`, whose ids and merges
+differ from process to process for the same texts (it numbers the `</w>` symbols in the order of
+a randomly seeded hash map, and breaks ties between equally frequent pairs by those ids;
+huggingface/tokenizers#1794): ours are a function of the texts alone, so a tokenizer built again
+by another process or a resumed run gives the same ids.
+
+Boxes are four integers in [0, 999] of the image size, written "x0 y0 x1 y1".
 
 Text is cleaned as CLIP cleans it before tokenizing (`clean_text`: ftfy's fixes, HTML entities
 unescaped twice, white space collapsed), so web alt-text such as `&amp;` or a `\ufb01` ligature gets
@@ -12,14 +18,16 @@ the ids open_clip's `SimpleTokenizer` gives it (tests/model/test_tokenizer.py ch
 against ids computed with open_clip itself).
 """
 
+import heapq
 import html
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import ftfy
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 DEFAULT_TOKENIZER = "openai/clip-vit-base-patch16"
@@ -37,18 +45,92 @@ def load_tokenizer(name_or_path: str | Path = DEFAULT_TOKENIZER) -> PreTrainedTo
     return tokenizer
 
 
+def train_bpe(word_counts: dict[str, int], vocab_size: int, special_tokens: Sequence[str] = (),
+              suffix: str = "</w>") -> tuple[list[str], list[tuple[str, str]]]:
+    """BPE merges learnt from ``word_counts`` (pre-tokenized words -> counts), deterministically.
+
+    Returns the vocabulary (special tokens, then every character, with and without ``suffix``,
+    sorted, then the merged tokens in merge order) and the merges. Each step merges the most
+    frequent adjacent pair, ties broken by the pair's strings (smallest first), until the vocabulary
+    holds ``vocab_size`` tokens or no pair is left: the semantics of the ``tokenizers`` library's
+    ``BpeTrainer`` with ``min_frequency`` 0 and no alphabet limit, without its run-dependent ties.
+    """
+    words = sorted(w for w in word_counts if w)
+    freqs = [word_counts[w] for w in words]
+    symbols = [[*w[:-1], w[-1] + suffix] for w in words]
+    alphabet = sorted({c for w in words for c in w} | {s for syms in symbols for s in syms})
+    vocab = list(dict.fromkeys([*special_tokens, *alphabet]))
+    known = set(vocab)
+
+    counts: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = {}
+    for i, syms in enumerate(symbols):
+        for pair in zip(syms, syms[1:]):
+            counts[pair] += freqs[i]
+            where.setdefault(pair, set()).add(i)
+    heap = [(-n, pair) for pair, n in counts.items()]
+    heapq.heapify(heap)
+
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size and heap:
+        negative, pair = heapq.heappop(heap)
+        if counts.get(pair, 0) != -negative or negative == 0:
+            continue  # an outdated entry: the pair's current count was pushed since
+        merged = pair[0] + pair[1]
+        merges.append(pair)
+        if merged not in known:  # two pairs can spell one token ("a"+"bc", "ab"+"c"): one id
+            known.add(merged)
+            vocab.append(merged)
+        changed: set[tuple[str, str]] = set()
+        for i in sorted(where.pop(pair, ())):
+            syms = symbols[i]
+            old = list(zip(syms, syms[1:]))
+            out, j = [], 0
+            while j < len(syms):
+                if j + 1 < len(syms) and (syms[j], syms[j + 1]) == pair:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(syms[j])
+                    j += 1
+            if len(out) == len(syms):
+                continue  # a stale entry of `where`: the pair left this word in an earlier merge
+            symbols[i] = out
+            for p in old:
+                counts[p] -= freqs[i]
+                changed.add(p)
+            for p in zip(out, out[1:]):
+                counts[p] += freqs[i]
+                where.setdefault(p, set()).add(i)
+                changed.add(p)
+        counts.pop(pair, None)
+        changed.discard(pair)
+        for p in changed:
+            if counts[p] > 0:
+                heapq.heappush(heap, (-counts[p], p))
+            else:
+                del counts[p]
+    return vocab, merges
+
+
 def build_local_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 512,
                           model_max_length: int = 77) -> PreTrainedTokenizerFast:
-    """Train a CLIP-like BPE on `texts`, save it to `out_dir` (reloadable with AutoTokenizer)."""
-    tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN, end_of_word_suffix="</w>"))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    """Train a CLIP-like BPE on `texts`, save it to `out_dir` (reloadable with AutoTokenizer).
+
+    The same texts give the same files and ids in any process (`train_bpe`); the order of the
+    texts does not matter either."""
+    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    word_counts: Counter = Counter()
+    for text in texts:
+        word_counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    vocab, merges = train_bpe(word_counts, vocab_size - 2, special_tokens=[PAD_TOKEN, UNK_TOKEN])
+    tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(vocab)}, merges=merges,
+                                     unk_token=UNK_TOKEN, end_of_word_suffix="</w>"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.BPEDecoder(suffix="</w>")
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 2, special_tokens=[PAD_TOKEN, UNK_TOKEN], end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.add_special_tokens([PAD_TOKEN, UNK_TOKEN])  # never split, as the trainer's special tokens
     tokenizer.add_special_tokens([BOS_TOKEN, EOS_TOKEN])  # appended: the two highest ids
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A {EOS_TOKEN}",

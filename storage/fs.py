@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import fsspec
@@ -90,9 +90,10 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
 
 
 def read_bytes(url: str) -> bytes:
+    """The whole file, in one request on an object store: s3fs's ``open`` + ``read`` is a HEAD then
+    a GET pinned to its ETag, which fails (FileExpired) when another process rewrites the file in between."""
     fs, path = open_fs(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    return fs.cat_file(path)
 
 
 def write_json(url: str, obj: Any) -> None:
@@ -100,19 +101,29 @@ def write_json(url: str, obj: Any) -> None:
 
 
 def read_json(url: str, default: Any = None) -> Any:
+    """The JSON at ``url``, or ``default`` when there is none; read whole (``read_bytes``): a record or
+    lease another run rewrites meanwhile gives its old or its new content."""
     fs, path = open_fs(url)
-    if not fs.exists(path):
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
         return default
-    with fs.open(path, "rb") as f:
-        return json.load(f)
+    return json.loads(data)
 
 
-def remove_stale_temporaries(url_dir: str) -> int:
-    """Delete leftovers of killed writers under ``url_dir``; returns how many."""
+def remove_stale_temporaries(url_dir: str, in_flight: Callable[[str], bool] | None = None) -> int:
+    """Delete leftovers of killed writers under ``url_dir``; returns how many.
+
+    ``in_flight(path)`` says whether the temporary at ``path`` may belong to a writer still at work
+    (e.g. another run holding its shard's lease): those are kept. It is asked after the listing, so a
+    writer must hold what it answers from (the lease) from before its temporary appears until after
+    the rename. Without it every temporary is removed: only right for a directory no other process
+    writes into.
+    """
     fs, path = open_fs(url_dir)
     if not fs.exists(path):
         return 0
-    stale = [p for p in fs.ls(path, detail=False) if is_temporary(p)]
+    stale = [p for p in fs.ls(path, detail=False) if is_temporary(p) and not (in_flight and in_flight(p))]
     for p in stale:
         with contextlib.suppress(FileNotFoundError):
             fs.rm(p)

@@ -139,8 +139,9 @@ class ShardLeases:
         with contextlib.suppress(Exception):
             fs.invalidate_cache(path)  # object stores: another process's writes, not a cached listing
         try:
-            with fs.open(path, "rb") as f:
-                data = f.read()
+            # One whole-object GET: ``open`` + ``read`` on s3fs is a HEAD then a ranged GET pinned to
+            # the HEAD's ETag, which fails (FileExpired) when the holder renews the lease in between.
+            data = fs.cat_file(path)
         except FileNotFoundError:
             return None
         try:

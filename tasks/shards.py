@@ -36,7 +36,8 @@ The price is reading: each output streams its window's tars (about
 ``shuffle_window`` input shards) and keeps only its own slice, so images are read
 roughly as many times as a window has outputs. A small window keeps that low;
 the training loader's shard and sample shuffles mix across windows on top.
-Stale temporaries of killed writers are removed when a run starts, and outputs
+Stale temporaries of killed writers are removed when a run starts (not those of an
+output another live run holds the lease of and is writing), and outputs
 numbered beyond a new, smaller plan are deleted (record first), so ``train/``
 only ever holds the current plan's complete tars.
 """
@@ -46,6 +47,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -137,8 +139,25 @@ class TrainingShardsStage(Stage):
 
     def prepare(self) -> None:
         self.__dict__.pop("plan", None)  # re-read the upstream records on every run
-        remove_stale_temporaries(self.layout.train_dir)
+        self._remove_stale_temporaries()
         self._remove_outputs_beyond(len(self.plan))
+
+    def _remove_stale_temporaries(self) -> int:
+        """Delete the temporaries of killed writers in ``train/``, not those of another run's writers at
+        work: an output's temporary is kept while its shard's lease is held by another live run
+        (``tasks.lease``; a writer holds it from before its temporary appears until after the rename).
+        A crashed run's lease is stale (its process is gone, or it was not renewed for the TTL), so its
+        temporaries go."""
+        leases = self.leases
+
+        def in_flight(path: str) -> bool:
+            shard = os.path.basename(path).split(".", 1)[0]
+            if not shard.isdigit():
+                return False
+            holder = leases.read(shard)
+            return holder is not None and not leases.is_stale(holder)
+
+        return remove_stale_temporaries(self.layout.train_dir, in_flight=in_flight)
 
     def prepare_worker(self) -> None:
         """A Ray actor's copy: the plan is read on first use; cleaning up is the flow's ``prepare``

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.config.base import Section
 
@@ -56,7 +56,8 @@ class TrainConfig(Section):
     batch_size_per_worker: int = Field(default=800, ge=2, description="Images per Ray worker per step.")
     captions_per_image: int = Field(default=10, ge=1, description="K captions per image (FLAIR diverse sampling).")
     num_global_views: int = Field(default=2, ge=1, description="G global crops at the preset's image size.")
-    num_local_views: int = Field(default=6, ge=0, description="L local crops at the preset's local size.")
+    num_local_views: int = Field(default=6, ge=0, description="L local crops at the preset's local size; 0: the "
+                                 "students are the global views alone, each paired with the other globals (G >= 2).")
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     view_color_jitter: float = Field(
@@ -106,6 +107,14 @@ class TrainConfig(Section):
         if "memory" in overrides:
             raise ValueError("memory options go in train.memory, not train.model_overrides")
         return overrides
+
+    @model_validator(mode="after")
+    def _enough_views_to_distill(self) -> "TrainConfig":
+        if self.num_global_views + self.num_local_views < 2:
+            raise ValueError("self-distillation pairs each student view with the teacher's other global views: "
+                             "num_global_views + num_local_views must be at least 2 (with no local view, "
+                             "num_global_views >= 2)")
+        return self
 
     def model_overrides_with_memory(self) -> dict[str, Any]:
         """`get_preset(preset, **this)`: the preset's overrides plus `memory`, the model's MemoryConfig."""

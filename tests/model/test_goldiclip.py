@@ -124,3 +124,55 @@ def test_total_loss_falls_on_a_fixed_batch(debug_config, tokenizer):
         model.update_teacher()
         totals.append(loss.item())
     assert sum(totals[-5:]) / 5 < 0.5 * totals[0]
+
+
+def test_distillation_with_no_local_views(debug_config, tokenizer):
+    """`train.num_local_views: 0` (the loader then leaves `local_views` out): the students are the G global
+    views, each paired with the teacher's other globals, as DINO allows; forward and backward run."""
+    from model.distill import _cross_entropy
+
+    torch.manual_seed(0)
+    model = GoldiCLIP(debug_config)
+    batch = make_batch(debug_config, tokenizer, num_global=2)
+    del batch["local_views"]
+    center = model.distill_losses["ta"].center.clone()
+    loss, metrics = model(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and metrics["loss/sd_ta"] > 0 and metrics["loss/sd_tc"] > 0
+    untouched = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not untouched
+    # L_sd is the mean over the G (G - 1) = 2 (global, other global) pairs: recompute branch `ta` by hand.
+    with torch.no_grad():
+        model.distill_losses["ta"].center.copy_(center)
+        queries = model.pooling.project_texts(model.text(batch["caption_ids"].flatten(0, 1))[0])
+        caption_index = torch.arange(12).view(4, 3)
+        student = model._view_features(model.vision, model.pooling, (batch["global_views"],), queries, caption_index)[0]
+        teacher = model.teacher.model
+        teacher_queries = teacher["pooling"].project_texts(teacher["text"](batch["caption_ids"].flatten(0, 1))[0])
+        teacher_features = model._view_features(teacher["vision"], teacher["pooling"], (batch["global_views"],),
+                                                teacher_queries, caption_index)[0]
+        probs = model.distill_losses["ta"].teacher_probs(
+            teacher_embed=teacher["heads"]["ta"].embed(teacher_features),
+            weight=teacher["heads"]["ta"].prototype_weight(), step=model.distill_step)
+        head = model.distill_heads["ta"]
+        by_hand = -sum((probs[:, 1 - v] * F.log_softmax(head(student[:, v]) / debug_config.distill.student_temp, -1)
+                        ).sum(-1) for v in range(2)).mean() / 2
+        pairs = _cross_entropy(head.embed(student), probs, weight=head.prototype_weight(),
+                               student_temp=debug_config.distill.student_temp).mean() / 2
+    assert torch.allclose(by_hand, metrics["loss/sd_ta"], atol=1e-5) and torch.allclose(pairs, by_hand, atol=1e-5)
+
+    # An empty local group is the same as none; one global view and no local one has no pair at all.
+    batch["local_views"] = torch.zeros(4, 0, 3, debug_config.vision.local_image_size,
+                                       debug_config.vision.local_image_size)
+    assert torch.isfinite(model(batch)[0])
+    with pytest.raises(ValueError, match="at least 2 views"):
+        model({**batch, "global_views": batch["global_views"][:, :1]})
+
+
+def test_train_config_needs_two_views_to_distill():
+    from tasks.config import TrainConfig
+
+    assert TrainConfig(num_local_views=0).num_global_views == 2
+    assert TrainConfig(num_global_views=1, num_local_views=1).num_local_views == 1
+    with pytest.raises(ValueError, match="num_global_views \\+ num_local_views must be at least 2"):
+        TrainConfig(num_global_views=1, num_local_views=0)

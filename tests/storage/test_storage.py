@@ -98,6 +98,30 @@ def test_stale_temporaries_are_ignored_and_removed(tmp_path):
     assert remove_stale_temporaries(layout.images_dir) == 1
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_temporaries_a_writer_may_still_use_are_kept(where, tmp_path, request):
+    """``in_flight`` keeps the temporaries of writers at work (another run's, under a live lease); the rest go."""
+    from storage.fs import atomic_write_bytes, join, open_fs
+
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_server").prefix("temporaries")
+    directory = join(root, "train")
+    atomic_write_bytes(join(directory, "00000.tar"), b"a whole tar")
+    for name in ("00001.tar.tmp-live", "00002.tar.tmp-dead", "00003.tar.tmp-dead"):
+        atomic_write_bytes(join(directory, name), b"half a tar")  # complete objects under temporary names
+    asked = []
+
+    def in_flight(path: str) -> bool:
+        asked.append(path.rsplit("/", 1)[-1])
+        return "-live" in path
+
+    assert remove_stale_temporaries(directory, in_flight=in_flight) == 2
+    fs, path = open_fs(directory)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) == ["00000.tar", "00001.tar.tmp-live"]
+    assert sorted(asked) == ["00001.tar.tmp-live", "00002.tar.tmp-dead", "00003.tar.tmp-dead"]  # never a whole file
+    assert remove_stale_temporaries(directory) == 1  # no writer left: every temporary goes
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] == ["00000.tar"]
+
+
 @pytest.mark.parametrize(
     "kind,row",
     [

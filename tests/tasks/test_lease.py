@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from storage import DatasetLayout, write_json
+from storage.fs import join, open_fs
 from tasks.config import PipelineConfig, Section
 from tasks.lease import ShardLeases
 from tasks.stage import ShardOutcome, Stage, run_stage
@@ -60,6 +61,20 @@ exec(compile(SLEEPY, "sleepy_stage", "exec"), namespace)  # noqa: S102 - the sam
 SleepyStage = namespace["SleepyStage"]
 
 
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    """A dataset root on local disk, or on the loopback S3 server (leases by conditional put)."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("s3_server").prefix("leases")
+
+
+def lease_files(root: str, stage: str = "sleepy") -> list[str]:
+    """The names under ``<root>/_leases/<stage>`` (leases, takeover markers, temporaries), as stored now."""
+    fs, path = open_fs(join(root, "_leases", stage))
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) if fs.exists(path) else []
+
+
 def config(root, ttl: float = 300.0) -> PipelineConfig:
     return PipelineConfig.model_validate({"dataset": {"root": str(root), "lease_ttl_s": ttl}})
 
@@ -68,21 +83,21 @@ def side_calls(path) -> Counter:
     return Counter(line.split()[0] for line in Path(path).read_text().splitlines()) if Path(path).exists() else Counter()
 
 
-def test_two_concurrent_runs_process_every_shard_exactly_once(tmp_path):
-    root, side, go = tmp_path / "root", tmp_path / "calls.txt", tmp_path / "go"
+def test_two_concurrent_runs_process_every_shard_exactly_once(tmp_path, root):
+    side, go = tmp_path / "calls.txt", tmp_path / "go"
     script = SLEEPY + textwrap.dedent(f"""
         import json, logging, sys
         from tasks.config import PipelineConfig
         from tasks.stage import run_stage
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        stage = SleepyStage(PipelineConfig.model_validate({{"dataset": {{"root": {str(root)!r}}}}}),
+        stage = SleepyStage(PipelineConfig.model_validate({{"dataset": {{"root": {root!r}}}}}),
                             {str(side)!r}, {SHARDS!r})
         while not os.path.exists({str(go)!r}):  # both runs start together
             time.sleep(0.01)
         summary = run_stage(stage)
         print(json.dumps({{"last_run": summary["last_run"], "done": summary["num_shards_done"]}}))
     """)
-    runs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+    runs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,  # env: S3's too
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     time.sleep(3)  # both imported and polling
     go.touch()
@@ -98,7 +113,7 @@ def test_two_concurrent_runs_process_every_shard_exactly_once(tmp_path):
         assert s["done"] == len(SHARDS) and sorted(s["last_run"]["processed"] + s["last_run"]["skipped"]) == SHARDS
     # They really ran at once: one of them found a shard held by the other (and said so).
     assert any("held by run" in err for _, err in outs), [err[-2000:] for _, err in outs]
-    assert not list((root / "_leases" / "sleepy").glob("*.json"))  # every lease released
+    assert lease_files(root) == []  # every lease released
 
 
 def stale_lease(leases: ShardLeases, shard: str, **holder) -> dict:
@@ -108,8 +123,8 @@ def stale_lease(leases: ShardLeases, shard: str, **holder) -> dict:
     return body
 
 
-def test_stale_and_dead_leases_are_taken_over_live_ones_waited_for(tmp_path):
-    cfg = config(tmp_path / "root", ttl=2.0)
+def test_stale_and_dead_leases_are_taken_over_live_ones_waited_for(tmp_path, root):
+    cfg = config(root, ttl=2.0)
     stage = SleepyStage(cfg, str(tmp_path / "calls.txt"), ["00000", "00001", "00002", "00003"], seconds=0.0)
     leases = ShardLeases(stage.layout, "sleepy", "other-run", 2.0)
     stale_lease(leases, "00000")  # renewed long ago
@@ -126,13 +141,79 @@ def test_stale_and_dead_leases_are_taken_over_live_ones_waited_for(tmp_path):
     # The held shard came last, once its lease was older than the TTL.
     order = [line.split()[0] for line in (tmp_path / "calls.txt").read_text().splitlines()]
     assert order[-1] == "00002" and waited >= 1.0
-    assert not list((tmp_path / "root" / "_leases" / "sleepy").iterdir())  # leases and markers released
+    assert lease_files(root) == []  # leases and markers released
     rec = stage.records.get("00003")
     assert rec.node["host"] == socket.gethostname() and rec.node["pid"] == os.getpid()
 
 
-def test_of_many_takers_of_a_stale_lease_exactly_one_wins(tmp_path):
-    layout = DatasetLayout(str(tmp_path / "root"))
+def test_a_lease_is_created_exclusively(root):
+    """Local: a link onto the name; S3: a conditional put (If-None-Match: *). A second create of the name
+    fails and leaves the first's bytes; of eight runs asking for a free shard at once, one gets it."""
+    from storage.fs import read_bytes
+
+    layout = DatasetLayout(root)
+    url = join(root, "_leases", "sleepy", "probe.json")
+    first, second = ShardLeases(layout, "sleepy", "run-a", 60.0), ShardLeases(layout, "sleepy", "run-b", 60.0)
+    assert first._create_exclusive(url, b"first")
+    assert not second._create_exclusive(url, b"second")
+    assert read_bytes(url) == b"first"
+
+    barrier = threading.Barrier(8)
+    got: list = []
+
+    def acquire(i):
+        leases = ShardLeases(layout, "sleepy", f"run-{i}", 60.0)
+        barrier.wait()
+        lease, holder = leases.try_acquire("00007")
+        got.append((i, lease, holder))
+
+    threads = [threading.Thread(target=acquire, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [(i, lease) for i, lease, _ in got if lease is not None]
+    assert len(got) == 8 and len(winners) == 1
+    (winner, lease), = winners
+    assert all(holder["run_id"] == f"run-{winner}" and holder["token"] == lease.body["token"]
+               for _, lease_, holder in got if lease_ is None)
+    lease.release()
+    after, _ = second.try_acquire("00007")
+    assert after is not None
+    after.release()
+    assert lease_files(root) == ["probe.json"]
+
+
+def test_a_lease_read_while_it_is_renewed_is_always_whole(root):
+    """Reading a lease while its holder rewrites it (a renewal: a new object under the name on S3) gives
+    the old or the new body, never an error or a torn read, which would look like another holder."""
+    layout = DatasetLayout(root)
+    leases = ShardLeases(layout, "sleepy", "reader", 60.0)
+    body = {"run_id": "holder", "host": "elsewhere", "pid": 7, "renewed_at": time.time(), "token": "t-held"}
+    write_json(leases.path("00000"), body)
+    stop = threading.Event()
+    renewals = []
+
+    def renew():
+        while not stop.is_set():  # bodies of different lengths, as renewal times are
+            write_json(leases.path("00000"), {**body, "renewed_at": time.time(), "pad": "x" * (len(renewals) % 7)})
+            renewals.append(1)
+
+    renewer = threading.Thread(target=renew)
+    renewer.start()
+    try:
+        deadline, reads = time.monotonic() + 2.0, []
+        while time.monotonic() < deadline:
+            reads.append(leases.read("00000"))
+    finally:
+        stop.set()
+        renewer.join()
+    assert len(renewals) > 5 and len(reads) > 20
+    assert all(r is not None and r["token"] == "t-held" and r["run_id"] == "holder" for r in reads)
+
+
+def test_of_many_takers_of_a_stale_lease_exactly_one_wins(root):
+    layout = DatasetLayout(root)
     stale_lease(ShardLeases(layout, "sleepy", "x", 5.0), "00000")
     barrier = threading.Barrier(8)
     won: list = []
@@ -157,8 +238,8 @@ def test_of_many_takers_of_a_stale_lease_exactly_one_wins(tmp_path):
     assert ShardLeases(layout, "sleepy", "y", 5.0).read("00000") is None
 
 
-def test_a_lease_is_renewed_while_its_shard_runs(tmp_path):
-    layout = DatasetLayout(str(tmp_path / "root"))
+def test_a_lease_is_renewed_while_its_shard_runs(root):
+    layout = DatasetLayout(root)
     leases = ShardLeases(layout, "sleepy", "run-a", 0.6)
     lease, _ = leases.try_acquire("00000")
     try:

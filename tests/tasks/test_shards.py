@@ -2,16 +2,19 @@
 
 import io
 import json
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import webdataset as wds
 from PIL import Image
 
-from storage import DatasetLayout, ShardRecord, ShardWriter, StageRecords, iter_shard, make_key, write_table
+from storage import DatasetLayout, ShardRecord, ShardWriter, StageRecords, iter_shard, make_key, write_json, write_table
 from storage.integrity import file_digest
 from tasks.config import PipelineConfig
 from tasks.stage import InputDamaged, run_stage
@@ -247,6 +250,100 @@ def test_kill_9_mid_shard_leaves_no_shard_and_a_rerun_completes(tmp_path):
     clean, _ = build_root(tmp_path / "clean")
     run_stage(TrainingShardsStage(make_config(clean)))
     assert train_content(layout) == train_content(clean)  # no temporary left, same as an unbroken run
+
+
+PAUSE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    sys.path.insert(0, {repo!r})
+    import tasks.shards as ts
+    from tasks.config import PipelineConfig
+    from tasks.stage import run_stage
+
+    real_write, written = ts.ShardWriter.write, []
+    def write_then_pause(self, key, files):
+        real_write(self, key, files)
+        written.append(key)
+        if self.url.endswith("00001.tar") and len(written) == 10:  # mid-output 00001, its temporary on disk
+            self._file.flush()
+            open({paused!r}, "w").close()
+            while not os.path.exists({go!r}):
+                time.sleep(0.05)
+    ts.ShardWriter.write = write_then_pause
+    config = PipelineConfig.model_validate({config!r})
+    summary = run_stage(ts.TrainingShardsStage(config))
+    print(json.dumps({{"last_run": summary["last_run"], "failed": summary.get("num_shards_failed")}}))
+    """
+)
+
+
+def test_a_second_run_leaves_the_first_runs_temporary_alone(tmp_path):
+    """Run B starts (and cleans up train/) while run A is half-way through writing output 00001: A's
+    temporary survives B's start, A finishes and records 00001, B does the rest; every output once."""
+    layout, _ = build_root(tmp_path / "root")
+    config = make_config(layout)
+    paused, go = tmp_path / "paused", tmp_path / "go"
+    script = PAUSE_SCRIPT.format(repo=str(REPO), config=config.model_dump(mode="json"), paused=str(paused),
+                                 go=str(go))
+    run_a = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not paused.exists():
+            assert run_a.poll() is None and time.monotonic() < deadline, run_a.communicate()[1][-3000:]
+            time.sleep(0.05)
+        temporaries = [p.name for p in Path(layout.train_dir).iterdir() if ".tmp-" in p.name]
+        assert len(temporaries) == 1 and temporaries[0].startswith("00001.tar.tmp-")
+
+        run_b = TrainingShardsStage(config)
+        run_b.prepare()  # run B starts: its clean-up of killed writers' leftovers
+        assert (Path(layout.train_dir) / temporaries[0]).exists()
+        result: dict = {}
+        b = threading.Thread(target=lambda: result.update(run_stage(run_b)))
+        b.start()  # B does 00002-00004, then waits for A's 00001
+        while not all(StageRecords(layout, "shards").get(f"{n:05d}") for n in (2, 3, 4)):
+            assert b.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        go.touch()
+        out, err = run_a.communicate(timeout=120)
+        b.join(timeout=120)
+    finally:
+        go.touch()
+        if run_a.poll() is None:
+            run_a.kill()
+    assert run_a.returncode == 0, err[-3000:]
+    summary_a = json.loads(out.strip().splitlines()[-1])
+    assert summary_a["last_run"] == {"processed": ["00000", "00001"], "skipped": ["00002", "00003", "00004"]}
+    assert result["last_run"] == {"processed": ["00002", "00003", "00004"], "skipped": ["00000", "00001"]}
+    clean, _ = build_root(tmp_path / "clean")
+    run_stage(TrainingShardsStage(make_config(clean)))
+    assert train_content(layout) == train_content(clean)  # no temporary left, the same outputs
+
+
+def test_clean_up_removes_only_temporaries_no_live_run_is_writing(built):
+    """A temporary whose shard another live run holds the lease of is kept; one whose lease is stale (a dead
+    process of this host, or not renewed for the TTL) or absent is removed."""
+    layout, _ = built
+    config = make_config(layout)
+    train = Path(layout.train_dir)
+    train.mkdir(parents=True, exist_ok=True)
+    other = TrainingShardsStage(config)  # another run, writing output 00001
+    lease, _ = other.leases.try_acquire("00001")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    write_json(other.leases.path("00002"), {"run_id": "crashed", "host": socket.gethostname(), "pid": int(dead.stdout),
+                                            "renewed_at": time.time(), "token": "t-dead"})
+    long_ago = time.time() - 2 * config.dataset.lease_ttl_s
+    write_json(other.leases.path("00003"), {"run_id": "hung", "host": "elsewhere", "pid": 7, "renewed_at": long_ago,
+                                            "token": "t-old"})
+    names = ["00000.tar.tmp-nolease", "00001.tar.tmp-inflight", "00002.tar.tmp-crashed", "00003.tar.tmp-stale"]
+    for name in names:
+        (train / name).write_bytes(b"half a tar")
+    try:
+        assert TrainingShardsStage(config)._remove_stale_temporaries() == 3
+        assert sorted(p.name for p in train.iterdir()) == ["00001.tar.tmp-inflight"]
+    finally:
+        lease.release()
+    assert TrainingShardsStage(config)._remove_stale_temporaries() == 1  # released: a leftover now
+    assert list(train.iterdir()) == []
 
 
 def test_output_reads_with_webdataset(built):
