@@ -135,4 +135,10 @@ class VqaStage(Stage):
             servers = cfg.openai.base_urls
         else:
             servers = "managed on ray" if cfg.openai.server.placement == "ray" else "managed"
-        return {"model": cfg.model, "backend": "openai", "servers": servers}
+        extra = {"model": cfg.model, "backend": "openai", "servers": servers}
+        if isinstance(self.servers, RayServers):  # where each server ran and what it answered this run
+            stats = self._backend.stats if isinstance(self._backend, OpenAIBackend) else {}
+            extra["server_nodes"] = [{"url": s["url"], "node_id": s["node_id"], "host": s["host"],
+                                      "answered": stats.get(s["url"].rstrip("/"), {}).get("answered", 0)}
+                                     for s in self.servers.servers]
+        return extra

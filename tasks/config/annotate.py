@@ -99,7 +99,9 @@ class ManagedServerConfig(Section):
                                     "num_gpus_per_server)",
                      "host": "each server binds its node's address"}
             for name, why in wrong.items():
-                if name in self.model_fields_set:
+                # Set to something else than its default: a dumped config (model_dump, e.g. the train
+                # loop's config on the Ray workers) carries the defaults and must validate again.
+                if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default:
                     raise ValueError(f"{name} is for placement: local; with placement: ray {why}")
             if "CUDA_VISIBLE_DEVICES" in self.env:
                 raise ValueError("env.CUDA_VISIBLE_DEVICES: with placement: ray each server sees the GPUs Ray "

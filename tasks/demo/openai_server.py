@@ -20,6 +20,7 @@ number of requests in flight.
     with OpenAIServer(latency_s=0.05) as server:
         server.base_url                      # http://127.0.0.1:PORT/v1
     python -m tasks.demo.openai_server --port 8000 --latency 0.05   # a separate process
+    python -m tasks.demo.openai_server --port 8000 --answers scene  # the demo's scene-rules stand-in
 """
 
 from __future__ import annotations
@@ -176,13 +177,20 @@ def main() -> None:
     parser.add_argument("--fail-all", type=int, default=None, help="Answer every chat request with this status.")
     parser.add_argument("--die-after", type=int, default=None, help="Exit after this many chat requests.")
     parser.add_argument("--startup-delay", type=float, default=0.0, help="Sleep before listening (a slow start).")
+    parser.add_argument("--answers", choices=("words", "scene"), default="words",
+                        help="words: three pairs from the caption's words; scene: the demo's scene-rules stand-in "
+                        "(tasks/demo/vqa_standin.py), as `goldiclip demo` serves it (e.g. as a vqa server command "
+                        "placed by Ray).")
     args = parser.parse_args()
+    answer_fn = answer_json
+    if args.answers == "scene":
+        from tasks.demo.vqa_standin import scene_answers as answer_fn
     if args.startup_delay:
         import time
 
         time.sleep(args.startup_delay)
     server = OpenAIServer(latency_s=args.latency, completion_tokens=args.tokens, fail_all=args.fail_all,
-                          die_after=args.die_after, host=args.host, port=args.port)
+                          die_after=args.die_after, host=args.host, port=args.port, answer_fn=answer_fn)
     print(f"serving on {server.host}:{server.port}", flush=True)
     web.run_app(server.app(), host=args.host, port=args.port, access_log=None, print=None)
 

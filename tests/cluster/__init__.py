@@ -81,7 +81,8 @@ class LocalCluster:
     ``workers`` maps a node name to its CPUs (or to ``{"num_cpus": n, "resources": {...}}``).
     ``object_store_mb``: each node's object store (Ray's default, 30% of the RAM per node, is
     far more than tests need). ``env``: extra environment of every node (a node's workers see
-    only the environment of the ``ray start`` that started it).
+    only the environment of the ``ray start`` that started it); the driver's storage settings
+    (``tasks.ray_actors.FORWARDED_ENV``: AWS_*, ...) are left out unless ``env`` names them.
     """
 
     def __init__(self, *, head_cpus: float = 1, workers: dict | None = None, object_store_mb: int = 128,
@@ -90,7 +91,14 @@ class LocalCluster:
         # Short: Ray puts its sockets under the temp dir (107-byte limit on a socket path).
         self.base_dir = tempfile.mkdtemp(prefix="gcc-", dir=base_dir or "/tmp")
         self.object_store_mb = object_store_mb
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+        # Not the driver's storage settings (AWS_* and the rest of FORWARDED_ENV): a cluster's nodes
+        # do not share the shell of whoever runs the pipeline, which forwards them itself (start_ray's
+        # runtime_env). Else a cluster started after the `s3_server` fixture would hide a forwarding bug.
+        from tasks.ray_actors import forwarded_env
+
+        driver_only = forwarded_env()
+        self.env = {**{k: v for k, v in os.environ.items() if k not in driver_only},
+                    "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                     "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
                     **(env or {})}
         self.port = free_port()

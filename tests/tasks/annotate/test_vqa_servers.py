@@ -65,6 +65,11 @@ def wait_gone(pgids: list[int], timeout: float = 15) -> list[int]:
 def test_placement_settings_fail_fast():
     with pytest.raises(ValidationError, match="num_servers is for placement: local"):
         VqaConfig(openai={"server": {**ray_server(), "num_servers": 2}})
+    with pytest.raises(ValidationError, match="host is for placement: local"):
+        VqaConfig(openai={"server": {**ray_server(), "host": "0.0.0.0"}})
+    # A dumped config (as the train stage hands it to its Ray workers) holds the defaults: it validates again.
+    dumped = config("/data", server=ray_server()).model_dump(mode="json")
+    assert PipelineConfig.model_validate(dumped).vqa.openai.server.placement == "ray"
     with pytest.raises(ValidationError, match="each server sees the GPUs Ray assigned"):
         VqaConfig(openai={"server": {**ray_server(), "env": {"CUDA_VISIBLE_DEVICES": "{index}"}}})
     with pytest.raises(ValidationError, match="needs servers_per_node"):
