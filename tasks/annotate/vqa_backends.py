@@ -112,6 +112,7 @@ class OpenAIBackend:
         self._rr = itertools.count()
         self._lock = threading.Lock()  # shards in parallel threads share the marks and the counts
         self.down: dict[str, float] = {}  # base URL -> when it was last found dead (monotonic)
+        self.suspected: dict[str, int] = {}  # base URL -> /health probes running after a connection failure
         # Per base URL: sent, answered, connection_errors, marked_down, sent_while_down (for logs and tests).
         self.stats: dict[str, Counter] = {u: Counter() for u in self.base_urls}
 
@@ -122,6 +123,11 @@ class OpenAIBackend:
     def is_down(self, server: _Server) -> bool:
         return server.base_url in self.down
 
+    def is_avoided(self, server: _Server) -> bool:
+        """Down, or its /health being probed after a connection failure: a refusing server answers at
+        once, so without this it would look the least loaded and draw every request while the probe runs."""
+        return server.base_url in self.down or server.base_url in self.suspected
+
     def request_body(self, messages: list[dict]) -> dict:
         return {"model": self.cfg.model, "messages": messages, "max_tokens": self.cfg.max_new_tokens,
                 "temperature": self.cfg.temperature, **structured_output_fields(self.cfg.structured_output)}
@@ -131,7 +137,7 @@ class OpenAIBackend:
 
     def _pick(self, servers: list[_Server]) -> _Server:
         turn = next(self._rr)
-        servers = [s for s in servers if not self.is_down(s)] or servers  # all down: try them anyway (fails fast)
+        servers = [s for s in servers if not self.is_avoided(s)] or servers  # all down: try them anyway (fails fast)
         if self.ocfg.load_balance == "round_robin":
             return servers[turn % len(servers)]
         rotated = servers[turn % len(servers):] + servers[: turn % len(servers)]  # ties: rotate
@@ -184,7 +190,14 @@ class OpenAIBackend:
         """After a connection-level failure: mark the server down unless /health shows it alive; True if down."""
         if self.is_down(server):
             return True
-        if await self._alive(session, server):
+        self.suspected[server.base_url] = self.suspected.get(server.base_url, 0) + 1
+        try:
+            alive = await self._alive(session, server)
+        finally:
+            self.suspected[server.base_url] -= 1
+            if not self.suspected[server.base_url]:
+                del self.suspected[server.base_url]
+        if alive:
             return False
         with self._lock:
             newly = server.base_url not in self.down
