@@ -70,9 +70,10 @@ vllm-env: $(VLLM_VENV)/.installed
 # The two environments are independent and their builds mostly download and unpack:
 # side by side they take the time of the longer one.
 # Tests run in PYTEST_WORKERS processes, whole modules each (module fixtures stay shared):
-# most of the suite waits on servers, Ray and subprocesses, so 2 processes on 2 cores
-# take about half the time of one.
-PYTEST_WORKERS ?= 2
+# most of the suite waits on servers, Ray clusters and subprocesses, so 2 processes on 2
+# cores take about half the time of one, and a third still shortens the run (the cluster,
+# S3 and node-loss modules are long waits on Ray).
+PYTEST_WORKERS ?= 3
 test:
 	$(MAKE) -j2 install vllm-env
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
