@@ -82,7 +82,13 @@ class Lease:
 
     def _heartbeat(self) -> None:
         interval = self.leases.ttl_s / 3
+        renewed = time.monotonic()
         while not self._stop.wait(interval):
+            if time.monotonic() - renewed > self.leases.ttl_s:  # stale by now: another run may take it
+                self.lost = True
+                log.warning("%s shard %s: lease not renewed for %.0f s (storage failing); giving it up",
+                            self.leases.stage, self.shard, self.leases.ttl_s)
+                return
             try:
                 current = self.leases.read(self.shard)
                 if current is None or current.get("token") != self.body["token"]:
@@ -93,6 +99,7 @@ class Lease:
                     return
                 self.body = {**self.body, "renewed_at": time.time()}
                 write_json(self.leases.path(self.shard), self.body)
+                renewed = time.monotonic()
             except Exception as e:  # storage trouble: try again at the next beat, well within the TTL
                 log.warning("%s shard %s: lease renewal failed: %s", self.leases.stage, self.shard, e)
 
