@@ -35,13 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-for _name, _value in {"PREFECT_HOME": tempfile.mkdtemp(prefix="bench-prefect-"),
-                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-                      "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_LOGGING_LEVEL": "WARNING",
-                      "RAY_AUTH_MODE": "disabled"}.items():
-    os.environ.setdefault(_name, _value)
-
 import report  # noqa: E402  (bench/report.py)
+
+report.quiet_flow_env()  # before anything imports Prefect
 from orchestration import MACHINE, load, write_cluster_part  # noqa: E402
 
 LATENCY = (0.05, 0.2)
